@@ -1,0 +1,1 @@
+"""Almanac's domain: the jobs' logic as plain Python, with no Airflow imports."""

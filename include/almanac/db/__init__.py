@@ -1,0 +1,1 @@
+"""The application database: connecting, migrations and the SQL the jobs share."""

@@ -1,0 +1,31 @@
+"""Opening connections to the application database from a URL (outside Airflow)."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg2
+import psycopg2.extensions
+
+from almanac.errors import ConfigError
+
+__all__ = ["app_db_url", "connect"]
+
+
+def app_db_url(url: str | None = None) -> str:
+    """The application DB URL: ``url``, else ``ALMANAC_APP_DB_URL``, else ``AIRFLOW_CONN_APP_DB``.
+
+    The last is the same URI Airflow reads for the ``app_db`` connection, so the CLI and
+    the DAGs find the same database without a second setting.
+    """
+    found = url or os.environ.get("ALMANAC_APP_DB_URL") or os.environ.get("AIRFLOW_CONN_APP_DB")
+    if not found:
+        raise ConfigError("no application database: set ALMANAC_APP_DB_URL or AIRFLOW_CONN_APP_DB")
+    if found.startswith("postgres://"):  # Airflow accepts this spelling; libpq wants postgresql://
+        found = "postgresql://" + found.removeprefix("postgres://")
+    return found
+
+
+def connect(url: str | None = None) -> psycopg2.extensions.connection:
+    """A new psycopg2 connection (autocommit off) to the application DB."""
+    return psycopg2.connect(app_db_url(url), application_name="almanac")

@@ -1,0 +1,124 @@
+"""Deterministic demo data: N tenants with users, calendars, members and invitations.
+
+Used by ``./dev up`` (demo data in the UI), the tests and the benchmarks. The same spec
+always gives the same rows, ids included, so loading twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from psycopg2.extras import execute_values
+
+__all__ = ["DemoData", "DemoSpec", "generate", "load"]
+
+_ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]
+_FIRST = ["Ada", "Ben", "Chloé", "Dan", "Eva", "Finn", "Grace", "Hugo", "Iris", "Jon", "Kai", "Lena"]
+_LAST = ["Lovelace", "Okafor", "Martin", "Nguyen", "Schmidt", "Tanaka", "Silva", "Moreau"]
+_CALENDARS = ["Family", "School", "Football club", "Work shifts", "Choir", "Holidays"]
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    tenants: int = 3
+    users_per_tenant: int = 4
+    calendars_per_tenant: int = 2
+    invitations_per_calendar: int = 6
+    seed: int = 42
+    #: Instant the invitations are placed around (created up to 60 days before it).
+    anchor: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+@dataclass
+class DemoData:
+    tenants: list[tuple] = field(default_factory=list)
+    users: list[tuple] = field(default_factory=list)
+    calendars: list[tuple] = field(default_factory=list)
+    calendar_members: list[tuple] = field(default_factory=list)
+    invitations: list[tuple] = field(default_factory=list)
+
+
+def generate(spec: DemoSpec) -> DemoData:
+    """The rows for ``spec``, as tuples in the column order ``load`` inserts them."""
+    rng = random.Random(spec.seed)
+    data = DemoData()
+    user_id = calendar_id = invitation_id = 0
+    for t in range(1, spec.tenants + 1):
+        data.tenants.append((t, f"Demo tenant {t}"))
+        members = []
+        for _ in range(spec.users_per_tenant):
+            user_id += 1
+            name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+            channels = rng.choice([["email"], ["sms", "email"], ["email", "push"]])
+            phone = f"+1555{user_id:07d}" if "sms" in channels else None
+            data.users.append(
+                (user_id, t, name, f"user{user_id}@demo.almanac.test", phone, rng.choice(_ZONES), channels)
+            )
+            members.append(user_id)
+        for c in range(spec.calendars_per_tenant):
+            calendar_id += 1
+            data.calendars.append(
+                (calendar_id, t, f"{_CALENDARS[c % len(_CALENDARS)]} ({t})", rng.choice(_ZONES), None)
+            )
+            for i, member in enumerate(members):
+                data.calendar_members.append((calendar_id, member, "owner" if i == 0 else "member"))
+            for _ in range(spec.invitations_per_calendar):
+                invitation_id += 1
+                created = spec.anchor - timedelta(minutes=rng.randrange(60 * 24 * 60))
+                expires = None if rng.random() < 0.5 else created + timedelta(hours=rng.randrange(24, 24 * 45))
+                status = rng.choices(["pending", "accepted", "declined"], weights=[7, 2, 1])[0]
+                responded = None if status == "pending" else created + timedelta(hours=rng.randrange(1, 72))
+                data.invitations.append(
+                    (
+                        invitation_id,
+                        calendar_id,
+                        members[0],
+                        f"guest{invitation_id}@demo.almanac.test",
+                        f"demo-{spec.seed}-{rng.getrandbits(64):016x}",
+                        status,
+                        created,
+                        expires,
+                        responded,
+                    )
+                )
+    return data
+
+
+_INSERTS = {
+    "tenants": "INSERT INTO tenants (id, name) VALUES %s ON CONFLICT DO NOTHING",
+    "users": "INSERT INTO users (id, tenant_id, name, email, phone, time_zone, contact_channels) "
+    "VALUES %s ON CONFLICT DO NOTHING",
+    "calendars": "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url) "
+    "VALUES %s ON CONFLICT DO NOTHING",
+    "calendar_members": "INSERT INTO calendar_members (calendar_id, user_id, role) "
+    "VALUES %s ON CONFLICT DO NOTHING",
+    "invitations": "INSERT INTO invitations (id, calendar_id, inviter_id, invitee_email, token, status, "
+    "created_at, expires_at, responded_at) VALUES %s ON CONFLICT DO NOTHING",
+}
+_SEQUENCES = ["tenants", "users", "calendars", "invitations"]
+
+
+def load(conn, data: DemoData) -> dict[str, int]:
+    """Insert ``data`` in one transaction; rows already there are left alone.
+
+    Returns the number of rows inserted per table (all zero on a second load).
+    """
+    inserted: dict[str, int] = {}
+    try:
+        with conn.cursor() as cur:
+            for table, sql in _INSERTS.items():
+                rows = getattr(data, table)
+                inserted[table] = len(execute_values(cur, sql + " RETURNING 1", rows, page_size=1000, fetch=True))
+            for table in _SEQUENCES:
+                # Keep the serial sequences ahead of the explicit demo ids.
+                cur.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"GREATEST((SELECT max(id) FROM {table}), 1))"
+                )
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return inserted

@@ -180,16 +180,18 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
 
 
 def _ensure_databases(port: int, sec: dict[str, str]) -> None:
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(
-        host="127.0.0.1", port=port, user="postgres", password=sec["pg_superuser_password"], dbname="postgres"
+    conn = psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", password=sec["pg_superuser_password"], dbname="postgres",
+        autocommit=True,
     )
-    conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_roles WHERE rolname = 'almanac'")
         if cur.fetchone() is None:
-            cur.execute("CREATE ROLE almanac LOGIN PASSWORD %s", (sec["pg_password"],))
+            from psycopg import sql  # DDL takes no bind parameters: quote the literal client-side
+
+            cur.execute(sql.SQL("CREATE ROLE almanac LOGIN PASSWORD {}").format(sql.Literal(sec["pg_password"])))
         for db in ("almanac", "airflow"):
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
             if cur.fetchone() is None:

@@ -10,8 +10,6 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from psycopg2.extras import execute_values
-
 __all__ = ["DemoData", "DemoSpec", "generate", "load"]
 
 _ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]
@@ -87,15 +85,15 @@ def generate(spec: DemoSpec) -> DemoData:
 
 
 _INSERTS = {
-    "tenants": "INSERT INTO tenants (id, name) VALUES %s ON CONFLICT DO NOTHING",
+    "tenants": "INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
     "users": "INSERT INTO users (id, tenant_id, name, email, phone, time_zone, contact_channels) "
-    "VALUES %s ON CONFLICT DO NOTHING",
+    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
     "calendars": "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url) "
-    "VALUES %s ON CONFLICT DO NOTHING",
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
     "calendar_members": "INSERT INTO calendar_members (calendar_id, user_id, role) "
-    "VALUES %s ON CONFLICT DO NOTHING",
+    "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
     "invitations": "INSERT INTO invitations (id, calendar_id, inviter_id, invitee_email, token, status, "
-    "created_at, expires_at, responded_at) VALUES %s ON CONFLICT DO NOTHING",
+    "created_at, expires_at, responded_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
 }
 _SEQUENCES = ["tenants", "users", "calendars", "invitations"]
 
@@ -110,7 +108,9 @@ def load(conn, data: DemoData) -> dict[str, int]:
         with conn.cursor() as cur:
             for table, sql in _INSERTS.items():
                 rows = getattr(data, table)
-                inserted[table] = len(execute_values(cur, sql + " RETURNING 1", rows, page_size=1000, fetch=True))
+                if rows:
+                    cur.executemany(sql, rows)  # psycopg pipelines these; rowcount sums them
+                inserted[table] = cur.rowcount if rows else 0
             for table in _SEQUENCES:
                 # Keep the serial sequences ahead of the explicit demo ids.
                 cur.execute(

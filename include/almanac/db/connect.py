@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 
-import psycopg2
-import psycopg2.extensions
+import psycopg
 
 from almanac.errors import ConfigError
 
@@ -26,6 +25,10 @@ def app_db_url(url: str | None = None) -> str:
     return found
 
 
-def connect(url: str | None = None) -> psycopg2.extensions.connection:
-    """A new psycopg2 connection (autocommit off) to the application DB."""
-    return psycopg2.connect(app_db_url(url), application_name="almanac")
+def connect(url: str | None = None) -> psycopg.Connection:
+    """A new psycopg (3) connection, autocommit off, to the application DB.
+
+    psycopg 3 is also what the Postgres provider's hook returns under SQLAlchemy 2, so the
+    domain code sees the same driver inside and outside Airflow.
+    """
+    return psycopg.connect(app_db_url(url), application_name="almanac")

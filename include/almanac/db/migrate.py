@@ -53,7 +53,7 @@ def apply_migrations(conn, migrations: list[Migration] | None = None) -> list[in
     """Apply what is not applied yet; return the versions applied by this call.
 
     Parameters:
-        conn: a psycopg2 connection; it is committed after each migration.
+        conn: a psycopg connection; it is committed after each migration.
         migrations: defaults to ``available_migrations()``.
     Raises:
         ConfigError: an applied migration's file was edited afterwards.

@@ -58,7 +58,7 @@ def delete_expired_invitations(
     long; the whole delete commits once, so a failure mid-way leaves the table untouched.
 
     Parameters:
-        conn: psycopg2 connection to the application DB (committed on success, rolled back on error).
+        conn: psycopg connection to the application DB (committed on success, rolled back on error).
         cutoff: timezone-aware instant; the run's data interval end.
         ttl: lifetime of an invitation whose ``expires_at`` is NULL.
     Returns:
@@ -72,8 +72,9 @@ def delete_expired_invitations(
     deleted = 0
     try:
         with conn.cursor() as cur:
-            cur.execute("SET LOCAL lock_timeout = %s", (f"{int(lock_timeout_ms)}ms",))
-            cur.execute("SET LOCAL statement_timeout = %s", (f"{int(statement_timeout_ms)}ms",))
+            # set_config(..., true) is SET LOCAL with a bind parameter: this transaction only.
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(lock_timeout_ms)}ms",))
+            cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(statement_timeout_ms)}ms",))
             while True:
                 cur.execute(_DELETE_CHUNK, params)
                 deleted += cur.rowcount

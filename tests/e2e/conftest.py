@@ -1,0 +1,91 @@
+"""Real Airflow components for end-to-end tests, driven through the REST API.
+
+Starts the api-server, scheduler and dag-processor of the ``test`` profile (the same code
+``./dev up`` uses), logs in through SimpleAuthManager's ``POST /auth/token``, and hands
+tests an ``apache-airflow-client`` ApiClient carrying that JWT.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPONENTS = ("api-server", "scheduler", "dag-processor")
+
+
+def _dev_module():
+    spec = importlib.util.spec_from_file_location("almanac_devtool", ROOT / "tools" / "dev.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def airflow_stack():
+    dev = _dev_module()
+    profile = dev.PROFILES["test"]
+    env = dev.stack_env(profile, provision=False)
+    dev.stop_airflow(profile)  # leftovers of an interrupted run
+    dev.start_airflow(profile, env, components=COMPONENTS)
+    try:
+        dev.wait_for_api(env, timeout=240)
+        yield env
+    finally:
+        dev.stop_airflow(profile)
+
+
+@pytest.fixture(scope="session")
+def api_client(airflow_stack):
+    import airflow_client.client as airflow_client
+
+    api = airflow_stack["ALMANAC_API_URL"]
+    password_file = Path(airflow_stack["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    password = json.loads(password_file.read_text())["admin"]
+    response = requests.post(f"{api}/auth/token", json={"username": "admin", "password": password}, timeout=30)
+    response.raise_for_status()
+    config = airflow_client.Configuration(host=api, access_token=response.json()["access_token"])
+    with airflow_client.ApiClient(config) as client:
+        yield client
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 2.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def wait_for_dag(api_client):
+    """Wait until the dag-processor has serialized a DAG, then return it unpaused."""
+    from airflow_client.client.api.dag_api import DAGApi
+    from airflow_client.client.exceptions import NotFoundException
+    from airflow_client.client.models import DAGPatchBody
+
+    dags = DAGApi(api_client)
+
+    def ready(dag_id: str) -> str:
+        def found():
+            try:
+                return dags.get_dag(dag_id)
+            except NotFoundException:
+                return None
+
+        wait_for(found, timeout=180, what=f"DAG {dag_id} to be parsed")
+        dags.patch_dag(dag_id, DAGPatchBody(is_paused=False))
+        return dag_id
+
+    return ready

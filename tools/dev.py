@@ -138,6 +138,9 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+STARTED: list[str] = []  # services this invocation started (./dev test stops just these)
+
+
 def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
     """Start (or reuse) the private server; return (app_db_url, airflow_db_url)."""
     port = profile.port("PG_PORT", profile.pg_port)
@@ -164,6 +167,8 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
         )
         pwfile.unlink()
     if not (data / "postmaster.pid").exists() or not _port_open(port):
+        if _port_open(port):
+            sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}PG_PORT")
         options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
         if profile.name == "test":  # throwaway data: trade durability for speed
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -173,6 +178,7 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
              "-o", options, "start"],
             check=True, stdout=subprocess.DEVNULL, **run_as,
         )
+        STARTED.append("postgres")
     _ensure_databases(port, sec)
     user, password = "almanac", quote(sec["pg_password"], safe="")
     base = f"postgresql://{user}:{password}@127.0.0.1:{port}"
@@ -221,6 +227,8 @@ def start_redis(profile: Profile, sec: dict[str, str]) -> str:
     port = profile.port("REDIS_PORT", profile.redis_port)
     folder = profile.var / "redis"
     folder.mkdir(parents=True, exist_ok=True)
+    if _port_open(port) and not (folder / "redis.pid").exists():
+        sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}REDIS_PORT")
     if not _port_open(port):
         say(f"starting Redis on 127.0.0.1:{port}")
         subprocess.run(
@@ -233,6 +241,7 @@ def start_redis(profile: Profile, sec: dict[str, str]) -> str:
             if _port_open(port):
                 break
             time.sleep(0.1)
+        STARTED.append("redis")
     return f"redis://:{quote(sec['redis_password'], safe='')}@127.0.0.1:{port}/0"
 
 
@@ -463,7 +472,14 @@ def cmd_test(profile: Profile, pytest_args: list[str]) -> int:
     migrate_all(profile, env)
     cmd = [str(VENV_BIN / "python"), "-m", "pytest", *pytest_args]
     say("running " + " ".join(cmd[2:]))
-    return subprocess.run(cmd, env=child_env(env), cwd=ROOT).returncode
+    try:
+        return subprocess.run(cmd, env=child_env(env), cwd=ROOT).returncode
+    finally:
+        stop_airflow(profile)  # e2e fixtures stop theirs; this catches an interrupted run
+        if "redis" in STARTED:
+            stop_redis(profile)
+        if "postgres" in STARTED:
+            stop_postgres(profile)
 
 
 def cmd_status(profile: Profile) -> int:

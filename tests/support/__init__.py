@@ -1,0 +1,1 @@
+"""Local stand-ins for internet services, speaking their real wire protocols."""

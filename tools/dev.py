@@ -87,7 +87,7 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         "pg_password": secrets.token_urlsafe(18),
         "redis_password": secrets.token_urlsafe(18),
         "fernet_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
-        "jwt_secret": secrets.token_urlsafe(32),
+        "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
         "api_secret_key": secrets.token_urlsafe(32),
     }
     path.write_text(json.dumps(values, indent=2))

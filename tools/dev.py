@@ -54,7 +54,9 @@ class Profile:
 
     @property
     def var(self) -> Path:
-        return ROOT / "var" / self.name
+        """State folder: var/<profile>, or <PREFIX>VAR_DIR (e.g. a second test stack beside the first)."""
+        override = self.setting("VAR_DIR")
+        return Path(override).resolve() if override else ROOT / "var" / self.name
 
     def setting(self, key: str, default: str | None = None) -> str | None:
         return os.environ.get(self.env_prefix + key, default)
@@ -151,7 +153,7 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
         _grant_traverse(data.parent)
         _grant_traverse(bindir)
     if not (data / "PG_VERSION").exists():
-        say(f"initialising PostgreSQL in {data.relative_to(ROOT)}")
+        say(f"initialising PostgreSQL in {data}")
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
         pwfile = data.parent / "pwfile"

@@ -32,6 +32,45 @@ class Settings:
     #: Postgres ``statement_timeout`` for cleanup statements, in milliseconds.
     cleanup_statement_timeout_ms: int = 120_000
 
+    # --- ICS feed sync -------------------------------------------------------------
+    #: Days before the run's instant that the sync window starts.
+    ics_window_days_back: int = 30
+    #: Days after the run's instant that the sync window ends.
+    ics_window_days_ahead: int = 365
+    #: Smallest and largest number of calendars in one mapped batch task.
+    ics_batch_min: int = 50
+    ics_batch_max: int = 500
+    #: Batches per run the planner aims for before batches grow past ``ics_batch_min``.
+    ics_batch_target_count: int = 16
+    #: Fetch limits: connect / read timeouts and a total deadline per feed, in seconds.
+    ics_connect_timeout_s: int = 5
+    ics_read_timeout_s: int = 20
+    ics_fetch_deadline_s: int = 60
+    #: Largest feed body accepted, after decompression.
+    ics_max_bytes: int = 10 * 1024 * 1024
+    #: Redirect hops followed (each re-checked by the address guard).
+    ics_max_redirects: int = 5
+    #: Tries per feed for transient errors (timeouts, 429, 5xx) inside one task.
+    ics_fetch_attempts: int = 3
+    #: Longest wait between those tries, in seconds (Retry-After is honoured up to this).
+    ics_retry_max_wait_s: int = 30
+    #: A feed that suddenly has no events while it had at least this many is held back.
+    ics_empty_feed_guard_min_events: int = 10
+    #: A batch task fails (so Airflow retries and alerts) when more than this share of its
+    #: calendars failed, in percent.
+    ics_batch_failure_percent: int = 50
+    #: Per-calendar lock lifetime in Redis, in seconds (a crashed run frees it after this).
+    ics_lock_ttl_s: int = 600
+    #: Instances kept per feed at most (unbounded rules are capped).
+    ics_max_instances: int = 200_000
+    #: Hosts (``host`` or ``host:port``, comma-separated) the feed address guard lets through
+    #: although they are loopback/private: dev and test feed servers. Empty in production.
+    ics_allow_hosts: str = ""
+
+    @property
+    def ics_allow_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip() for h in self.ics_allow_hosts.split(",") if h.strip())
+
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None) -> Settings:
         """Defaults updated with ``overrides``; raises ConfigError on unknown keys or bad types."""
@@ -48,7 +87,7 @@ class Settings:
             expected = type(getattr(cls, key))
             if type(value) is not expected:  # exact: JSON true is not an int setting
                 raise ConfigError(f"almanac setting {key!r} must be {expected.__name__}, got {value!r}")
-            if value <= 0:
+            if expected is int and value <= 0:
                 raise ConfigError(f"almanac setting {key!r} must be positive, got {value!r}")
             values[key] = value
         return dataclasses.replace(cls(), **values)

@@ -82,9 +82,14 @@ def load_secrets(profile: Profile) -> dict[str, str]:
     """Generated once per profile and kept in var/<profile>/secrets.json (mode 600)."""
     path = profile.var / "secrets.json"
     if path.exists():
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text())
+        if "token_fernet_key" not in values:  # stacks set up before google_calendar_push
+            values["token_fernet_key"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
+            path.write_text(json.dumps(values, indent=2))
+        return values
     profile.var.mkdir(parents=True, exist_ok=True)
     values = {
+        "token_fernet_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),  # Google tokens at rest
         "pg_superuser_password": secrets.token_urlsafe(18),
         "pg_password": secrets.token_urlsafe(18),
         "redis_password": secrets.token_urlsafe(18),
@@ -308,6 +313,11 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
         # The application's own connections, the Airflow way (production: UI or secrets backend).
         "AIRFLOW_CONN_APP_DB": app_url,
         "AIRFLOW_CONN_REDIS_DEFAULT": redis_url,
+        # Fernet key(s) for Google tokens at rest (Variable almanac_token_fernet_key).
+        "AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY": sec["token_fernet_key"],
+        # Airflow's log servers, per profile so a dev stack and a test stack can run side by side.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(api_port + 1),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(api_port + 2),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     return env

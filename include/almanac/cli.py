@@ -3,16 +3,24 @@
     almanac db migrate            apply pending application-DB migrations
     almanac db status             list applied and pending migrations
     almanac demo load [options]   load deterministic demo data (idempotent)
+    almanac ics inspect SOURCE    parse and expand a feed (URL or file): one JSON object per instance
+    almanac ics sync CALENDAR_ID  the ics_sync DAG's sync of one calendar, outside Airflow
 
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``, else ``AIRFLOW_CONN_APP_DB``.
+Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
+Variable the DAGs read). Feed hosts the address guard lets through: ``--allow-host`` or the
+``ics_allow_hosts`` setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 from almanac.errors import AlmanacError
 
@@ -46,7 +54,31 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--anchor", type=_anchor, default="today", help="'today' (UTC midnight) or an ISO 8601 instant"
     )
+
+    ics = groups.add_parser("ics", help="ICS feeds").add_subparsers(dest="command", required=True)
+    inspect = ics.add_parser("inspect", help="parse and expand a feed; one JSON object per instance")
+    inspect.add_argument("source", help="http(s)/webcal URL (fetched through the address guard) or a file")
+    inspect.add_argument("--start", type=_day, help="first day (default: 30 days ago)")
+    inspect.add_argument("--end", type=_day, help="day after the last (default: 365 days ahead)")
+    inspect.add_argument("--tz", default="UTC", help="zone for floating times (default UTC)")
+    inspect.add_argument("--jsonl", action="store_true", help="JSON lines (the default; kept for scripts)")
+    inspect.add_argument("--table", action="store_true", help="a human-readable table instead")
+    inspect.add_argument("--allow-host", action="append", default=[], help="let this host[:port] through the guard")
+    sync = ics.add_parser("sync", help="sync one calendar now, as the DAG does")
+    sync.add_argument("calendar_id", type=int)
+    sync.add_argument("--allow-host", action="append", default=[], help="let this host[:port] through the guard")
     return parser
+
+
+def _day(value: str) -> date:
+    return date.fromisoformat(value)
+
+
+def _settings():
+    from almanac.settings import Settings
+
+    raw = os.environ.get("AIRFLOW_VAR_ALMANAC_SETTINGS")
+    return Settings.from_mapping(json.loads(raw) if raw else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from almanac.db.connect import connect
 
+    if (args.group, args.command) == ("ics", "inspect"):
+        try:
+            return _inspect(args)
+        except AlmanacError as exc:
+            print(f"almanac: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+            return 2
     try:
         conn = connect(args.db_url)
         try:
@@ -97,6 +135,71 @@ def _run(args: argparse.Namespace, conn) -> int:
         )
         inserted = load(conn, generate(spec))
         print("demo data: " + ", ".join(f"{table} +{n}" for table, n in inserted.items()))
+    elif (args.group, args.command) == ("ics", "sync"):
+        from almanac.ics.sync import sync_batch
+
+        settings = _settings()
+        redis = None
+        if os.environ.get("ALMANAC_REDIS_URL"):
+            import redis as redis_lib
+
+            redis = redis_lib.Redis.from_url(os.environ["ALMANAC_REDIS_URL"])
+        result = sync_batch(
+            conn,
+            [args.calendar_id],
+            instant=datetime.now(timezone.utc),
+            settings=settings,
+            redis=redis,
+            allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
+        )
+        summary = result.summary(keep_unchanged=True)
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["errorCount"] == 0 else 1
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from almanac.ics.parse import parse_feed
+
+    today = datetime.now(timezone.utc).date()
+    start = args.start or today - timedelta(days=30)
+    end = args.end or today + timedelta(days=365)
+    window_start = datetime.combine(start, datetime.min.time(), timezone.utc)
+    window_end = datetime.combine(end, datetime.min.time(), timezone.utc)
+    if "://" in args.source:
+        from almanac.ics.fetch import fetch_feed
+
+        settings = _settings()
+        body = fetch_feed(
+            args.source,
+            allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
+            max_bytes=settings.ics_max_bytes,
+        ).body
+    else:
+        try:
+            body = Path(args.source).read_bytes()
+        except OSError as exc:
+            print(f"almanac: cannot read {args.source}: {exc.strerror}", file=sys.stderr)
+            return 2
+    result = parse_feed(body, window_start=window_start, window_end=window_end, calendar_tz=args.tz)
+    for problem in result.problems:
+        print(f"almanac: warning: {problem}", file=sys.stderr)
+    out = sys.stdout
+    for inst in result.instances:
+        row = {
+            "uid": inst.uid,
+            "recurrence_id": inst.recurrence_id or None,
+            "start": inst.start.isoformat(),
+            "end": inst.end.isoformat(),
+            "all_day": inst.all_day,
+            "summary": inst.summary,
+            "status": inst.status,
+            "location": inst.location,
+        }
+        if args.table:
+            out.write(f"{row['start']:<26} {row['end']:<26} {row['summary'][:60]}\n")
+        else:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
 
 

@@ -67,6 +67,18 @@ class Settings:
     #: although they are loopback/private: dev and test feed servers. Empty in production.
     ics_allow_hosts: str = ""
 
+    # --- Google Calendar push ------------------------------------------------------
+    #: Members per mapped batch task of google_calendar_push.
+    google_push_batch_size: int = 100
+    #: A push batch task fails when more than this share of its members failed, in percent.
+    google_batch_failure_percent: int = 50
+    #: Tries per Google API call for 429, 5xx and connection faults.
+    google_request_attempts: int = 4
+    #: Longest wait between those tries, in seconds (Retry-After is honoured up to this).
+    google_retry_max_wait_s: int = 60
+    #: Socket timeout per Google API call, in seconds.
+    google_request_timeout_s: int = 30
+
     @property
     def ics_allow_host_set(self) -> frozenset[str]:
         return frozenset(h.strip() for h in self.ics_allow_hosts.split(",") if h.strip())

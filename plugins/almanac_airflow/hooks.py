@@ -17,7 +17,7 @@ REDIS_CONN_ID = "redis_default"
 
 @contextmanager
 def app_db() -> Iterator:
-    """A psycopg2 connection to the application DB, closed on exit (commit is the caller's)."""
+    """A psycopg (3) connection to the application DB, closed on exit (commit is the caller's)."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     conn = PostgresHook(postgres_conn_id=APP_DB_CONN_ID).get_conn()

@@ -1,6 +1,6 @@
 """Real Airflow components for end-to-end tests, driven through the REST API.
 
-Starts the api-server, scheduler and dag-processor of the ``test`` profile (the same code
+Starts the api-server, scheduler, dag-processor and triggerer of the ``test`` profile (the same code
 ``./dev up`` uses), logs in through SimpleAuthManager's ``POST /auth/token``, and hands
 tests an ``apache-airflow-client`` ApiClient carrying that JWT.
 """
@@ -17,7 +17,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 def _dev_module():
@@ -89,3 +89,29 @@ def wait_for_dag(api_client):
         return dag_id
 
     return ready
+
+
+@pytest.fixture(scope="session")
+def dev_module():
+    return _dev_module()
+
+
+@pytest.fixture(scope="session")
+def restart_component(airflow_stack, dev_module):
+    """Stop one Airflow component and hand back a function that starts it again."""
+    profile = dev_module.PROFILES["test"]
+
+    def stop(component: str):
+        import os
+        import signal
+
+        pid = int(dev_module._pidfile(profile, component).read_text())
+        os.killpg(pid, signal.SIGTERM)
+        wait_for(lambda: not dev_module._alive(pid), timeout=60, interval=0.5, what=f"{component} to stop")
+
+        def start():
+            dev_module.start_airflow(profile, airflow_stack, components=(component,))
+
+        return start
+
+    return stop

@@ -1,0 +1,85 @@
+"""Sync the calendars the product's backend asked for on Redis, within seconds.
+
+### What it does
+Each entry the backend appends to the Redis Stream `almanac:ics_sync:requests`
+(`XADD almanac:ics_sync:requests * calendar_id 42`) becomes an asset event of
+`almanac://ics/sync-requests` through the `RedisStreamTrigger` watcher (consumer group,
+acknowledged only once Airflow stored the event: no request is lost, also across a
+triggerer restart). A run syncs every calendar requested since the previous run, in the
+same batches and with the same code as `ics_sync`, and announces the calendars that changed.
+
+### Schedule and triggers
+Asset-driven: `schedule=[almanac://ics/sync-requests]`. Needs the triggerer running and the
+DAG unpaused. For a one-off by hand, trigger `ics_sync` with its `calendar_id` param instead.
+
+### Params
+None (the calendar ids come from the triggering asset events).
+
+### Assets
+In: `almanac://ics/sync-requests` (extra `payload`: `{"calendar_id", "request_id"}`).
+Out: `almanac://ics/calendars-changed` (extra `{"calendar_ids": [...]}`), when something changed.
+
+### Idempotency
+As `ics_sync`; a request delivered twice syncs the calendar twice with no further change.
+
+### Side effects
+As `ics_sync`. An unknown calendar id is reported "skipped" in the summary.
+
+### Retries and limits
+`max_active_runs=1`: requests arriving during a run are folded into the next one.
+Per-calendar Redis lock shared with `ics_sync`: never two syncs of one calendar at once.
+
+### Failure handling
+As `ics_sync`. A malformed request is logged by the trigger and dropped.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import dag, task
+
+from almanac_airflow.assets import ics_sync_requests
+from almanac_airflow.defaults import default_args
+from almanac_airflow.ics import sync_pipeline
+
+ICS_SYNC_REQUESTS = ics_sync_requests()
+
+
+@dag(
+    dag_id=Path(__file__).stem,
+    description=__doc__.partition(".")[0],
+    doc_md=__doc__,
+    schedule=[ICS_SYNC_REQUESTS],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(execution_timeout=timedelta(minutes=10)),
+    tags=["almanac", "ics"],
+)
+def ics_sync_requested():
+    @task
+    def plan_batches() -> list[dict]:
+        from airflow.sdk import get_current_context
+
+        from almanac.ics.plan import plan_batches as cut
+        from almanac_airflow.settings import load_settings
+
+        events = get_current_context()["triggering_asset_events"].get(ICS_SYNC_REQUESTS, [])
+        ids = sorted(
+            {
+                int(event.extra["payload"]["calendar_id"])
+                for event in events
+                if isinstance(event.extra.get("payload"), dict) and "calendar_id" in event.extra["payload"]
+            }
+        )
+        settings = load_settings()
+        return cut(ids, min_size=settings.ics_batch_min, max_size=settings.ics_batch_max,
+                   target_count=settings.ics_batch_target_count)
+
+    sync_pipeline(plan_batches())
+
+
+ics_sync_requested()

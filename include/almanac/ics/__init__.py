@@ -1,0 +1,1 @@
+"""ICS feeds: fetching, parsing and expanding, storing what changed."""

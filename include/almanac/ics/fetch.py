@@ -1,0 +1,520 @@
+"""ics_sync: fetch one calendar's ICS feed over HTTP(S), guarded against SSRF, bombs and stalls."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from almanac.errors import PermanentError, RetryableError
+
+__all__ = [
+    "FeedHttpError",
+    "FeedNotICalendarError",
+    "FeedRefusedError",
+    "FeedTimeoutError",
+    "FeedTooLargeError",
+    "FeedTooManyRedirectsError",
+    "FeedUnavailableError",
+    "FetchResult",
+    "check_address",
+    "fetch_feed",
+    "normalise_feed_url",
+    "parse_retry_after",
+]
+
+log = logging.getLogger(__name__)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack IPv4, AWS IPv6).
+METADATA_ADDRESSES = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+_CHUNK_SIZE = 16 * 1024  # bytes decoded per read: bounds what a gzip bomb can expand to at once
+_USER_AGENT = "Almanac-ICS-Sync/1 (+calendar feed sync)"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# --- errors -----------------------------------------------------------------------------------
+# Every error takes its message first and its fields as keywords with defaults, so that it
+# pickles (BaseException re-creates it from ``args`` and restores the fields from ``__dict__``).
+
+
+class FeedRefusedError(PermanentError):
+    """The feed URL was refused before any connection: bad scheme, or the host resolves to a
+    loopback/private/link-local/metadata/... address (server-side request forgery guard).
+
+    What to do: ask the calendar's owner for a public http(s)/webcal feed URL. For a dev or test
+    feed server, add its ``host`` or ``host:port`` to the allow-list (setting ``ics_allow_hosts``).
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+        self.reason = reason
+
+
+class FeedTooManyRedirectsError(PermanentError):
+    """The feed redirected more than ``max_redirects`` times (or in a loop).
+
+    What to do: open the feed URL by hand and store its final address as the calendar's URL.
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", max_redirects: int = 0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.max_redirects = max_redirects
+
+
+class FeedHttpError(PermanentError):
+    """The feed server answered with a client error (4xx other than 429) or an unusable reply.
+
+    What to do: 401/403/404/410 mean the URL is wrong, private or gone; ask the calendar's owner
+    for a current feed URL. Retrying the same URL fails the same way.
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.host = host
+        self.status = status
+
+
+class FeedNotICalendarError(PermanentError):
+    """The body is not iCalendar (does not start with ``BEGIN:VCALENDAR``), e.g. an HTML login
+    page, or it could not be decompressed.
+
+    What to do: the URL most likely points at a web page, not the calendar's export/subscription
+    link, or the feed now needs a login; ask the calendar's owner for the ICS link.
+    """
+
+    def __init__(
+        self, message: str = "", *, host: str = "", status: int | None = None, content_type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.status = status
+        self.content_type = content_type
+
+
+class FeedTooLargeError(PermanentError):
+    """The feed body is larger than ``max_bytes`` once decompressed (huge feed or gzip bomb).
+
+    What to do: ask the owner to publish a smaller feed (fewer past events), or raise the limit
+    (setting ``ics_max_bytes``) if the feed is legitimate.
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", max_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.host = host
+        self.max_bytes = max_bytes
+
+
+class FeedTimeoutError(RetryableError):
+    """Connecting to or reading the feed took too long (connect/read timeout or total deadline).
+
+    What to do: nothing; it is retried. If one host keeps timing out, it is slow or down; the
+    limits are settings ``ics_connect_timeout_s``, ``ics_read_timeout_s``, ``ics_fetch_deadline_s``.
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.host = host
+        self.seconds = seconds
+
+
+class FeedUnavailableError(RetryableError):
+    """The feed server is unavailable: HTTP 429 or 5xx (``status``), or no connection could be
+    made (``status`` None: DNS failure, refused, reset, TLS failure).
+
+    What to do: nothing; it is retried, after ``retry_after`` seconds when the server said so.
+    If it persists, the feed's host is down or blocking us.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        host: str = "",
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.status = status
+        self.retry_after = retry_after
+
+
+# --- result -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What one fetch returned.
+
+    ``url`` is the final URL after redirects; ``body`` is the decompressed body (None when
+    ``not_modified``); ``etag`` / ``last_modified`` are the validators to send next time.
+    """
+
+    url: str
+    status: int
+    body: bytes | None
+    etag: str | None
+    last_modified: str | None
+    not_modified: bool
+    body_sha256: str | None
+
+
+# --- URL and address checks -------------------------------------------------------------------
+
+
+def normalise_feed_url(url: str) -> str:
+    """``webcal://``/``webcals://`` read as ``https://``; only http and https are accepted.
+
+    Raises:
+        FeedRefusedError: another scheme, or no host.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("webcal", "webcals"):
+        scheme = "https"
+    host = parts.hostname or ""
+    if scheme not in ("http", "https"):
+        reason = f"scheme {parts.scheme or '(none)'!r} is not http, https or webcal"
+        raise FeedRefusedError(f"feed URL refused: {reason}", host=host, reason=reason)
+    if not host:
+        raise FeedRefusedError("feed URL refused: it has no host", host="", reason="no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise FeedRefusedError(f"feed URL refused: bad port ({exc})", host=host, reason="bad port") from exc
+    return urlunsplit((scheme, parts.netloc, parts.path or "/", parts.query, ""))
+
+
+def _refusal_reason(ip: IPAddress) -> str | None:
+    """Why ``ip`` may not be fetched from, or None if it is a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            inner = _refusal_reason(embedded)
+            if inner:
+                return f"{inner} (embedded in {ip})"
+    if ip in METADATA_ADDRESSES:
+        return "cloud metadata address"
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+        ("not globally routable", not ip.is_global),
+    )
+    for reason, hit in checks:
+        if hit:
+            return f"{reason} address"
+    return None
+
+
+def _resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to, in resolver order (indirection for tests)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: dict[IPAddress, None] = {}
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        seen[ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])] = None  # drop IPv6 zone id
+    return list(seen)
+
+
+def check_address(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> IPAddress:
+    """Resolve ``url``'s host and return the address to connect to (the first resolved one).
+
+    Every resolved address must be public unless the host (``host`` or ``host:port``) is in
+    ``allow_hosts``.
+
+    Raises:
+        FeedRefusedError: an address is not public (nothing has been sent to it).
+        FeedUnavailableError: the host does not resolve.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = _resolve(host, port)
+    except (OSError, UnicodeError) as exc:
+        raise FeedUnavailableError(f"feed host {host} does not resolve: {exc}", host=host) from exc
+    if not addresses:
+        raise FeedUnavailableError(f"feed host {host} does not resolve", host=host)
+    allowed = host in allow_hosts or f"{host}:{port}" in allow_hosts or (
+        parts.port is not None and f"{host}:{parts.port}" in allow_hosts
+    )
+    if not allowed:
+        for ip in addresses:
+            reason = _refusal_reason(ip)
+            if reason:
+                raise FeedRefusedError(
+                    f"feed host {host} refused: it resolves to {ip}, a {reason}", host=host, reason=reason
+                )
+    return addresses[0]
+
+
+# --- connecting to the checked address ---------------------------------------------------------
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Sends a request whose URL names an IP literal, with the real name in ``Host``, so the
+    connection goes to the address that was checked (no second DNS lookup, so no DNS
+    rebinding between check and connect) while TLS still uses the name for SNI and for
+    certificate verification."""
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        server_name = getattr(request, "almanac_server_hostname", None)
+        if server_name and host_params.get("scheme") == "https":
+            pool_kwargs["server_hostname"] = server_name
+            pool_kwargs["assert_hostname"] = server_name
+        return host_params, pool_kwargs
+
+
+def _pinned_url(url: str, ip: IPAddress) -> str:
+    parts = urlsplit(url)
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{literal}" if userinfo else literal
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def _host_header(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2]
+
+
+def _ensure_pinned_adapter(session: requests.Session) -> None:
+    if not isinstance(session.get_adapter("https://x/"), _PinnedAdapter):
+        adapter = _PinnedAdapter()
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP-date; None if absent
+    or unreadable. A date in the past gives 0."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _looks_like_icalendar(body: bytes) -> bool:
+    head = body[:64].removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:15].upper() == b"BEGIN:VCALENDAR"
+
+
+def fetch_feed(
+    url: str,
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    session: requests.Session | None = None,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 20.0,
+    deadline: float = 60.0,
+    max_bytes: int = 10 * 1024 * 1024,
+    max_redirects: int = 5,
+    allow_hosts: frozenset[str] = frozenset(),
+) -> FetchResult:
+    """GET an ICS feed, conditionally, following redirects by hand with every hop re-checked.
+
+    Each hop's host is resolved once, every address checked (see ``check_address``), and the
+    connection made to the checked address itself, so a DNS answer that changes between check
+    and connect (DNS rebinding) cannot reach an internal address. Limitations: the DNS lookup
+    itself is not bounded by ``deadline``; only the first resolved address is tried; a proxy
+    configured in the environment (``HTTPS_PROXY``...) resolves the name again on its side.
+
+    Parameters:
+        url: the feed URL; ``webcal://`` and ``webcals://`` are read as ``https://``.
+        etag, last_modified: validators from the previous fetch, sent as ``If-None-Match`` /
+            ``If-Modified-Since``.
+        session: ``requests.Session`` to reuse connections; its http/https adapters are replaced
+            (once) by the address-pinning adapter. One is made if None.
+        connect_timeout, read_timeout: per connection / per socket read, in seconds.
+        deadline: total seconds for the whole fetch, redirects and body included.
+        max_bytes: largest body accepted, counted after decompression.
+        max_redirects: redirect hops followed.
+        allow_hosts: ``host`` or ``host:port`` entries let through although they resolve to
+            non-public addresses (dev and test feed servers only).
+
+    Returns:
+        FetchResult; ``not_modified`` with ``body`` None on HTTP 304.
+
+    Raises:
+        FeedRefusedError, FeedTooManyRedirectsError, FeedHttpError, FeedNotICalendarError,
+        FeedTooLargeError (permanent); FeedTimeoutError, FeedUnavailableError (retryable).
+    """
+    own_session = session is None
+    session = session or requests.Session()
+    _ensure_pinned_adapter(session)
+    started = time.monotonic()
+    current = normalise_feed_url(url)
+    headers = {
+        "User-Agent": _USER_AGENT,
+        "Accept": "text/calendar, */*;q=0.5",
+        "Accept-Encoding": "gzip, deflate",
+    }
+    if etag:
+        headers["If-None-Match"] = etag
+    if last_modified:
+        headers["If-Modified-Since"] = last_modified
+    try:
+        for hop in range(max_redirects + 1):
+            host = urlsplit(current).hostname or ""
+            ip = check_address(current, allow_hosts=allow_hosts)
+            remaining = _remaining(started, deadline, host)
+            response = _send(
+                session, current, ip, headers,
+                timeout=(min(connect_timeout, remaining), min(read_timeout, remaining)), host=host,
+            )
+            with response:
+                status = response.status_code
+                if status in REDIRECT_STATUSES:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FeedHttpError(
+                            f"feed host {host} answered {status} without a Location", host=host, status=status
+                        )
+                    current = normalise_feed_url(urljoin(current, location.strip()))
+                    next_host = urlsplit(current).hostname
+                    log.info("feed host %s redirects (%s) to host %s", host, status, next_host)
+                    continue
+                return _finish(response, current, host, etag, last_modified, started, deadline, max_bytes)
+        host = urlsplit(current).hostname or ""
+        raise FeedTooManyRedirectsError(
+            f"feed redirected more than {max_redirects} times (last host {host})",
+            host=host, max_redirects=max_redirects,
+        )
+    finally:
+        if own_session:
+            session.close()
+
+
+def _remaining(started: float, deadline: float, host: str) -> float:
+    remaining = deadline - (time.monotonic() - started)
+    if remaining <= 0:
+        raise FeedTimeoutError(
+            f"feed host {host}: fetch deadline of {deadline:g}s passed", host=host, seconds=deadline
+        )
+    return remaining
+
+
+def _send(session, url: str, ip: IPAddress, headers: dict, *, timeout, host: str) -> requests.Response:
+    request = requests.Request("GET", _pinned_url(url, ip), headers={**headers, "Host": _host_header(url)})
+    prepared = session.prepare_request(request)
+    prepared.almanac_server_hostname = host
+    try:
+        return session.send(prepared, stream=True, timeout=timeout, allow_redirects=False)
+    except requests.Timeout as exc:
+        raise FeedTimeoutError(f"feed host {host}: timed out ({type(exc).__name__})", host=host) from exc
+    except requests.RequestException as exc:
+        raise FeedUnavailableError(
+            f"feed host {host}: connection failed ({type(exc).__name__})", host=host
+        ) from exc
+
+
+def _finish(response, url, host, etag, last_modified, started, deadline, max_bytes) -> FetchResult:
+    status = response.status_code
+    new_etag = response.headers.get("ETag")
+    new_last_modified = response.headers.get("Last-Modified")
+    if status == 304:
+        if not (etag or last_modified):
+            raise FeedHttpError(
+                f"feed host {host} answered 304 to an unconditional GET", host=host, status=status
+            )
+        log.info("feed host %s: not modified", host)
+        return FetchResult(
+            url=url, status=status, body=None, etag=new_etag or etag,
+            last_modified=new_last_modified or last_modified, not_modified=True, body_sha256=None,
+        )
+    if status == 429 or status >= 500:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise FeedUnavailableError(
+            f"feed host {host} answered {status}"
+            + (f", retry after {retry_after:g}s" if retry_after is not None else ""),
+            host=host, status=status, retry_after=retry_after,
+        )
+    if not 200 <= status < 300:
+        raise FeedHttpError(f"feed host {host} answered {status}", host=host, status=status)
+    body = _read_body(response, host, started, deadline, max_bytes)
+    content_type = response.headers.get("Content-Type")
+    if not _looks_like_icalendar(body):
+        raise FeedNotICalendarError(
+            f"feed host {host}: body is not iCalendar (Content-Type {content_type or 'absent'}, "
+            f"{len(body)} bytes)",
+            host=host, status=status, content_type=content_type,
+        )
+    log.info("feed host %s: %d bytes", host, len(body))
+    return FetchResult(
+        url=url, status=status, body=body, etag=new_etag, last_modified=new_last_modified,
+        not_modified=False, body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+def _read_body(response, host: str, started: float, deadline: float, max_bytes: int) -> bytes:
+    def too_large() -> FeedTooLargeError:
+        return FeedTooLargeError(
+            f"feed host {host}: body exceeds {max_bytes} bytes (decompressed)", host=host, max_bytes=max_bytes
+        )
+
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and not response.headers.get("Content-Encoding") and int(declared) > max_bytes:
+        raise too_large()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # read1: at most one socket read per call (each bounded by the read timeout), so the
+        # deadline is checked at least every ``read_timeout`` seconds however slowly bytes
+        # trickle in; decoding is capped at _CHUNK_SIZE per call, so a gzip bomb never
+        # expands in memory past ``max_bytes + _CHUNK_SIZE``.
+        while chunk := response.raw.read1(_CHUNK_SIZE, decode_content=True):
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large()
+            chunks.append(chunk)
+            _remaining(started, deadline, host)
+    except urllib3.exceptions.DecodeError as exc:
+        raise FeedNotICalendarError(
+            f"feed host {host}: body could not be decompressed "
+            f"(Content-Encoding {response.headers.get('Content-Encoding')})",
+            host=host, status=response.status_code, content_type=response.headers.get("Content-Type"),
+        ) from exc
+    except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
+        raise FeedTimeoutError(f"feed host {host}: body read timed out", host=host) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # reset, truncated body
+        raise FeedUnavailableError(
+            f"feed host {host}: connection lost reading body ({type(exc).__name__})", host=host
+        ) from exc
+    return b"".join(chunks)

@@ -1,0 +1,27 @@
+"""The Assets Almanac's DAGs produce and consume (data-aware scheduling)."""
+
+from __future__ import annotations
+
+from airflow.sdk import Asset
+
+__all__ = ["ICS_CALENDARS_CHANGED"]
+
+#: Emitted by ics_sync when calendars' events changed; the event's extra carries
+#: ``{"calendar_ids": [...]}``. google_calendar_push is scheduled on it.
+ICS_CALENDARS_CHANGED = Asset("almanac://ics/calendars-changed")
+
+
+def ics_sync_requests():
+    """The Asset the product's backend feeds through Redis (see ``almanac_airflow.triggers``).
+
+    Built on call rather than at import so that only the DAG that watches it creates the
+    watcher (one watcher, one consumer of the stream).
+    """
+    from airflow.sdk import AssetWatcher
+
+    from almanac_airflow.triggers import RedisStreamTrigger
+
+    return Asset(
+        "almanac://ics/sync-requests",
+        watchers=[AssetWatcher(name="ics_sync_requests", trigger=RedisStreamTrigger())],
+    )

@@ -1,0 +1,465 @@
+"""google_calendar_push against the real application DB and a local fake of Google (real wire format).
+
+No mock of the job's own side effects: the Google client library talks HTTP to
+``tests/support/fake_google.py`` and the links live in Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from almanac.google.accounts import connect_account
+from almanac.google.calendar_push import member_ids_to_push, push_batch
+from almanac.google.client import OAuthClient, RetryPolicy
+from almanac.google.crypto import TokenCipher, generate_key
+from almanac.google.mapping import google_event_id
+from tests.support.fake_google import FakeGoogle
+
+UTC = UTC
+ALICE, BOB, CAROL = 1, 2, 3  # Carol never connected Google
+FAMILY, WORK = 10, 20  # Alice and Bob (and Carol) are in FAMILY; only Alice is in WORK
+T0 = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
+STATE_CHANGING = ("POST", "PATCH", "DELETE")
+
+
+@pytest.fixture
+def google():
+    with FakeGoogle() as fake:
+        yield fake
+
+
+@pytest.fixture
+def cipher() -> TokenCipher:
+    return TokenCipher(generate_key())
+
+
+@pytest.fixture
+def oauth(google) -> OAuthClient:
+    return OAuthClient("almanac-test-client", "almanac-test-secret", google.token_uri, google.api_endpoint)
+
+
+@pytest.fixture
+def gdb(db):
+    """The app DB, empty, with the Google tables emptied too (they are not in APP_TABLES)."""
+    db.execute("TRUNCATE google_event_links, google_accounts CASCADE")
+    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
+    for user_id, name in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")]:
+        db.execute(
+            "INSERT INTO users (id, tenant_id, name, email) VALUES (%s, 1, %s, %s)",
+            (user_id, name, f"{name}@x.test"),
+        )
+    db.execute(
+        "INSERT INTO calendars (id, tenant_id, name, time_zone) VALUES (%s, 1, 'family', 'Europe/Paris')",
+        (FAMILY,),
+    )
+    db.execute("INSERT INTO calendars (id, tenant_id, name) VALUES (%s, 1, 'work')", (WORK,))
+    for calendar_id, user_id in [(FAMILY, ALICE), (FAMILY, BOB), (FAMILY, CAROL), (WORK, ALICE)]:
+        db.execute(
+            "INSERT INTO calendar_members (calendar_id, user_id) VALUES (%s, %s)", (calendar_id, user_id)
+        )
+    # FAMILY: a weekly series (2 instances) and an all-day event; WORK: one meeting
+    _event(db, FAMILY, "swim@x", "20260310T090000Z", "Swimming", T0)
+    _event(db, FAMILY, "swim@x", "20260317T090000Z", "Swimming", T0 + timedelta(days=7))
+    _event(
+        db,
+        FAMILY,
+        "bday@x",
+        "",
+        "Birthday",
+        datetime(2026, 3, 11, 23, 0, tzinfo=UTC),
+        all_day=True,
+        ends=datetime(2026, 3, 12, 23, 0, tzinfo=UTC),
+    )
+    _event(db, WORK, "standup@x", "", "Standup", T0 + timedelta(hours=1))
+    db.commit()
+    return db
+
+
+def _event(db, calendar_id, uid, rid, summary, starts, *, all_day=False, ends=None, version=1) -> None:
+    db.execute(
+        """
+        INSERT INTO events
+               (calendar_id, uid, recurrence_id, summary, all_day, starts_at, ends_at, content_hash)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (calendar_id, uid, recurrence_id) DO UPDATE
+           SET summary = EXCLUDED.summary, content_hash = EXCLUDED.content_hash
+        """,
+        (
+            calendar_id,
+            uid,
+            rid,
+            summary,
+            all_day,
+            starts,
+            ends or starts + timedelta(hours=1),
+            f"h:{uid}:{rid}:{summary}:{version}",
+        ),
+    )
+
+
+@pytest.fixture
+def connected(gdb, google, cipher) -> dict[int, str]:
+    """Alice and Bob connected Google; returns their refresh tokens (as Google issued them)."""
+    tokens = {ALICE: google.grant("alice"), BOB: google.grant("bob")}
+    for user_id, token in tokens.items():
+        connect_account(gdb, cipher, user_id, token)
+    gdb.commit()
+    return tokens
+
+
+def _push(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4) -> dict:
+    waits = [] if sleep is None else sleep
+    users = member_ids_to_push(db, calendar_ids)
+    result = push_batch(
+        db,
+        users,
+        calendar_ids=calendar_ids,
+        cipher=cipher,
+        oauth=oauth,
+        policy=RetryPolicy(attempts=attempts, max_wait_s=30),
+        sleep=waits.append,
+    )
+    return result.summary()
+
+
+def _by_user(summary: dict) -> dict[int, dict]:
+    return {r["userId"]: r for r in summary["results"]}
+
+
+def _summaries(google, owner) -> list[str]:
+    return sorted(e["summary"] for e in google.live_events(owner).values())
+
+
+def _links(db, user_id=None) -> int:
+    db.commit()
+    if user_id is None:
+        return db.execute("SELECT count(*) FROM google_event_links").fetchone()[0]
+    return db.execute("SELECT count(*) FROM google_event_links WHERE user_id = %s", (user_id,)).fetchone()[0]
+
+
+# --- creating, rerunning ------------------------------------------------------------------
+
+
+def test_push_creates_one_google_event_per_instance_per_member(gdb, connected, google, cipher, oauth):
+    summary = _push(gdb, cipher, oauth)
+
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
+    assert _summaries(google, "bob") == ["Birthday", "Swimming", "Swimming"]
+    assert summary["totalMembers"] == 2 and summary["successCount"] == 2
+    assert (summary["eventsCreated"], summary["eventsUpdated"], summary["eventsDeleted"]) == (7, 0, 0)
+    assert _links(gdb) == 7
+    # the id is ours, derived from the domain key; the all-day event is dates in the calendar's zone
+    bday = google.live_events("bob")[google_event_id(BOB, FAMILY, "bday@x", "")]
+    assert bday["start"] == {"date": "2026-03-12"} and bday["end"] == {"date": "2026-03-13"}
+    standup = google.live_events("alice")[google_event_id(ALICE, WORK, "standup@x", "")]
+    assert standup["start"]["dateTime"] == "2026-03-10T10:00:00+00:00"
+
+
+def test_running_twice_creates_no_duplicates_and_makes_no_call_that_changes_state(
+    gdb, connected, google, cipher, oauth
+):
+    _push(gdb, cipher, oauth)
+    changing, token_calls = len(google.calls(*STATE_CHANGING)), google.token_calls()
+
+    again = _push(gdb, cipher, oauth)
+
+    assert len(google.calls(*STATE_CHANGING)) == changing
+    assert google.token_calls() == token_calls  # nothing to do: not even a token refresh
+    assert (again["eventsCreated"], again["eventsUpdated"], again["eventsDeleted"]) == (0, 0, 0)
+    assert again["successCount"] == 2 and again["results"] == []  # unchanged members are only counted
+    assert len(google.live_events("alice")) == 4 and len(google.live_events("bob")) == 3
+
+
+def test_lost_link_rows_do_not_duplicate_google_events(gdb, connected, google, cipher, oauth):
+    """A crash between Google's answer and the link write: the rerun inserts under the same id,
+    gets 409, and patches instead."""
+    _push(gdb, cipher, oauth)
+    gdb.execute("DELETE FROM google_event_links")
+    gdb.commit()
+
+    again = _push(gdb, cipher, oauth)
+
+    assert len(google.live_events("alice")) == 4 and len(google.live_events("bob")) == 3
+    assert again["eventsCreated"] == 7 and _links(gdb) == 7
+
+
+# --- updates and deletes ------------------------------------------------------------------
+
+
+def test_an_updated_instance_is_patched(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    _event(gdb, FAMILY, "swim@x", "20260317T090000Z", "Swimming (pool B)", T0 + timedelta(days=7), version=2)
+    gdb.commit()
+    patches, others = len(google.calls("PATCH")), len(google.calls("POST", "DELETE"))
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    assert len(google.calls("PATCH")) == patches + 2  # one per member
+    assert len(google.calls("POST", "DELETE")) == others
+    assert summary["eventsUpdated"] == 2 and summary["eventsCreated"] == 0
+    assert _summaries(google, "bob") == ["Birthday", "Swimming", "Swimming (pool B)"]
+    stored = gdb.execute(
+        "SELECT DISTINCT content_hash FROM google_event_links "
+        "WHERE uid = 'swim@x' AND recurrence_id = '20260317T090000Z'"
+    ).fetchall()
+    assert stored == [("h:swim@x:20260317T090000Z:Swimming (pool B):2",)]
+
+
+def test_a_deleted_event_is_deleted_on_google_and_already_gone_counts_as_done(
+    gdb, connected, google, cipher, oauth
+):
+    _push(gdb, cipher, oauth)
+    gone = google_event_id(ALICE, FAMILY, "bday@x", "")
+    # Alice already deleted it in Google (a second delete answers 410); Bob's copy was purged (404)
+    google.events[("alice", "primary")][gone]["status"] = "cancelled"
+    google.delete_behind_our_back("bob", google_event_id(BOB, FAMILY, "bday@x", ""))
+    gdb.execute("DELETE FROM events WHERE uid = 'bday@x'")
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    assert summary["eventsDeleted"] == 2 and summary["errorCount"] == 0
+    assert "Birthday" not in _summaries(google, "alice") + _summaries(google, "bob")
+    assert _links(gdb) == 5
+    assert _push(gdb, cipher, oauth)["eventsDeleted"] == 0
+
+
+def test_a_live_deleted_event_is_deleted_on_google(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    gdb.execute("DELETE FROM events WHERE uid = 'standup@x'")
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert summary["eventsDeleted"] == 1
+    assert google.calls("DELETE") == [
+        (
+            "DELETE",
+            f"/calendar/v3/calendars/primary/events/{google_event_id(ALICE, WORK, 'standup@x', '')}",
+            "alice",
+        )
+    ]
+    assert "Standup" not in _summaries(google, "alice")
+
+
+def test_a_member_who_left_a_calendar_loses_its_copies(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    gdb.execute("DELETE FROM calendar_members WHERE calendar_id = %s AND user_id = %s", (FAMILY, BOB))
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    assert _by_user(summary)[BOB]["eventsDeleted"] == 3
+    assert google.live_events("bob") == {}
+    assert len(google.live_events("alice")) == 4
+
+
+def test_a_scoped_run_touches_only_its_calendars(gdb, connected, google, cipher, oauth):
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert summary["totalMembers"] == 1  # only Alice is in WORK
+    assert _summaries(google, "alice") == ["Standup"]
+    assert google.live_events("bob") == {}
+
+
+# --- tokens ----------------------------------------------------------------------------
+
+
+def test_an_unknown_access_token_is_refreshed_once_and_the_call_retried(
+    gdb, connected, google, cipher, oauth
+):
+    # a stored access token Google no longer accepts, although its expiry says it is valid
+    gdb.execute(
+        "UPDATE google_accounts SET access_token_enc = %s, access_token_expires_at = %s WHERE user_id = %s",
+        (cipher.encrypt("ya29.stale"), datetime.now(UTC) + timedelta(hours=1), BOB),
+    )
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    unauthorised = [c for c in google.requests if c[2] is None and c[1] != "/token"]
+    assert unauthorised == [("POST", "/calendar/v3/calendars/primary/events", None)]  # Bob's first call: 401
+    assert google.token_calls() == 2  # Bob once (after the 401), Alice once (she had no access token)
+    assert summary["successCount"] == 2 and len(google.live_events("bob")) == 3
+    stored, expires = gdb.execute(
+        "SELECT access_token_enc, access_token_expires_at FROM google_accounts WHERE user_id = %s", (BOB,)
+    ).fetchone()
+    assert cipher.decrypt(stored).startswith("ya29.fake-") and expires > datetime.now(UTC)
+
+
+def test_an_expired_access_token_is_refreshed_before_the_call_and_kept_for_the_next_run(
+    gdb, connected, google, cipher, oauth
+):
+    _push(gdb, cipher, oauth)
+    assert google.token_calls() == 2
+    rows = gdb.execute("SELECT refresh_token_enc, access_token_enc FROM google_accounts").fetchall()
+    assert not any("1//refresh" in r[0] or "ya29" in (r[1] or "") for r in rows)  # encrypted at rest
+
+    _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=2), version=2)
+    gdb.commit()
+    _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    assert google.token_calls() == 2  # the stored access token was reused
+
+    gdb.execute(
+        "UPDATE google_accounts SET access_token_expires_at = %s", (datetime(2026, 1, 1, tzinfo=UTC),)
+    )
+    _event(gdb, WORK, "standup@x", "", "Standup (moved again)", T0 + timedelta(hours=3), version=3)
+    gdb.commit()
+    unauthorised_before = sum(1 for c in google.requests if c[2] is None and c[1] != "/token")
+    _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    assert google.token_calls() == 3  # refreshed once, up front
+    assert (
+        sum(1 for c in google.requests if c[2] is None and c[1] != "/token") == unauthorised_before
+    )  # no 401
+    assert "Standup (moved again)" in _summaries(google, "alice")
+
+
+def test_a_revoked_grant_marks_the_account_revoked_skips_it_and_others_are_still_pushed(
+    gdb, connected, google, cipher, oauth
+):
+    google.revoke(connected[ALICE])
+
+    summary = _push(gdb, cipher, oauth)
+
+    assert _by_user(summary)[ALICE]["status"] == "skipped"
+    assert "invalid_grant" in _by_user(summary)[ALICE]["error"]
+    assert summary["skippedCount"] == 1 and summary["errorCount"] == 0 and summary["successCount"] == 1
+    assert len(google.live_events("bob")) == 3
+    status, error = gdb.execute(
+        "SELECT status, last_error FROM google_accounts WHERE user_id = %s", (ALICE,)
+    ).fetchone()
+    assert status == "revoked" and "invalid_grant" in error
+    assert member_ids_to_push(gdb, None) == [BOB]  # not tried again until the user reconnects
+    assert connected[ALICE] not in json.dumps(summary)
+
+
+# --- Google under load ---------------------------------------------------------------------
+
+
+def test_429_with_retry_after_is_honoured(gdb, connected, google, cipher, oauth):
+    waits: list[float] = []
+    google.fail_next(2, 429, retry_after=7)
+
+    summary = _push(gdb, cipher, oauth, sleep=waits)
+
+    assert waits == [7.0, 7.0]
+    assert summary["errorCount"] == 0 and summary["eventsCreated"] == 7
+    assert len(google.live_events("alice")) == 4
+
+
+def test_retry_after_is_capped_and_5xx_backs_off(gdb, connected, google, cipher, oauth):
+    waits: list[float] = []
+    google.fail_next(1, 429, retry_after=3600)
+    google.fail_next(2, 503)
+
+    summary = _push(gdb, cipher, oauth, sleep=waits)
+
+    assert waits == [30.0, 2.0, 4.0]  # capped at max_wait_s; then 1 s * 2^(attempt-1) for attempts 2, 3
+    assert summary["errorCount"] == 0
+
+
+def test_a_member_whose_calls_keep_failing_is_an_error_and_the_others_are_pushed(
+    gdb, connected, google, cipher, oauth
+):
+    google.fail_next(2, 503)  # Alice (pushed first) gets both of her attempts refused
+
+    summary = _push(gdb, cipher, oauth, attempts=2)
+
+    alice = _by_user(summary)[ALICE]
+    assert alice["status"] == "error" and "503" in alice["error"]
+    assert summary["errorCount"] == 1 and len(google.live_events("bob")) == 3
+    error = gdb.execute("SELECT last_error FROM google_accounts WHERE user_id = %s", (ALICE,)).fetchone()[0]
+    assert "GoogleRetryableError" in error
+    # the next run converges
+    again = _push(gdb, cipher, oauth)
+    assert again["errorCount"] == 0 and len(google.live_events("alice")) == 4
+
+
+# --- the DAG ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def airflow_google_env(monkeypatch, google, cipher):
+    key = generate_key()
+    monkeypatch.setenv("AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY", key)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOGLE_OAUTH",
+        json.dumps(
+            {
+                "conn_type": "generic",
+                "login": "almanac-test-client",
+                "password": "almanac-test-secret",
+                "extra": {"token_uri": google.token_uri, "api_endpoint": google.api_endpoint},
+            }
+        ),
+    )
+    return TokenCipher(key)
+
+
+def test_the_dag_pushes_and_a_second_run_changes_nothing(gdb, google, airflow_google_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder="dags/google_calendar_push.py")
+    assert not bag.import_errors
+    dag = bag.get_dag("google_calendar_push")
+    for user_id, owner in [(ALICE, "alice"), (BOB, "bob")]:
+        connect_account(gdb, airflow_google_env, user_id, google.grant(owner))
+    gdb.commit()
+
+    run = dag.test(run_conf={"calendar_ids": [FAMILY]})
+    assert run.state == "success"
+    assert _summaries(google, "alice") == ["Birthday", "Swimming", "Swimming"]
+    assert len(google.live_events("bob")) == 3
+    changing = len(google.calls(*STATE_CHANGING))
+
+    # Every calendar: adds Alice's WORK event, repeats nothing. (Explicit empty conf: in one
+    # process, dag.test() leaves the previous run's conf in the DAG's Param objects.)
+    again = dag.test(run_conf={"calendar_ids": []})
+    assert again.state == "success"
+    assert len(google.calls(*STATE_CHANGING)) == changing + 1
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
+
+
+# --- the run's scope, read the Airflow 3 way ---------------------------------------------
+
+
+def _asset_event(extra: dict):
+    from airflow.sdk.api.datamodels._generated import AssetReferenceAssetEventDagRun
+    from airflow.sdk.execution_time.comms import AssetEventDagRunReferenceResult
+
+    uri = "almanac://ics/calendars-changed"
+    return AssetEventDagRunReferenceResult(
+        asset=AssetReferenceAssetEventDagRun(name=uri, uri=uri, extra={}),
+        extra=extra,
+        source_task_id="announce_changes",
+        source_dag_id="ics_sync",
+        source_run_id="r",
+        source_map_index=-1,
+        source_aliases=[],
+        timestamp=T0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "extras", "expected"),
+    [
+        ({"calendar_ids": None}, [{"calendar_ids": [20, 10]}, {"calendar_ids": [10, 30]}], [10, 20, 30]),
+        ({"calendar_ids": [7, 7]}, [{"calendar_ids": [10]}], [7]),  # a manual choice wins
+        ({"calendar_ids": []}, [], None),  # manual, empty: everything
+        ({"calendar_ids": None}, [{}], None),  # an asset event made by hand: everything
+    ],
+)
+def test_the_scope_comes_from_params_or_the_triggering_asset_events_extras(params, extras, expected):
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    from almanac_airflow.assets import ICS_CALENDARS_CHANGED
+    from almanac_airflow.google_push import push_scope
+
+    context = {
+        "params": params,
+        "triggering_asset_events": TriggeringAssetEventsAccessor.build(_asset_event(e) for e in extras),
+    }
+    assert push_scope(context, ICS_CALENDARS_CHANGED) == expected

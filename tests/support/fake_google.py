@@ -1,0 +1,282 @@
+"""A local fake of Google's OAuth2 token endpoint and Calendar API v3 events, on the real wire format.
+
+Enough for ``google-auth`` and ``google-api-python-client`` to talk to it unchanged:
+
+- ``POST /token`` (form ``grant_type=refresh_token``): ``{"access_token", "expires_in", "token_type"}``;
+  a revoked or unknown refresh token gets ``400 {"error": "invalid_grant", ...}``.
+Under ``/calendar/v3/calendars/{calendarId}``:
+
+- ``POST   /events``            events.insert (client-chosen ids allowed; 409 when the id is taken)
+- ``PATCH  /events/{eventId}``  events.patch (404 unknown; a patch with a status revives a cancelled one)
+- ``DELETE /events/{eventId}``  events.delete (204; 410 when already deleted; 404 unknown)
+- ``GET    /events``            events.list (``pageToken``/``maxResults``, ``showDeleted``)
+
+API calls need ``Authorization: Bearer <access token>``; an unknown or expired token gets 401
+(so clients exercise their refresh path). ``fail_next`` makes the next N API calls answer 429
+(with ``Retry-After``) or 5xx. Events are kept per (token owner, calendar id) for assertions;
+every request is logged in ``requests`` as ``(method, path, owner)`` (no tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["FakeGoogle"]
+
+_EVENTS = re.compile(r"^/calendar/v3/calendars/(?P<cal>[^/]+)/events(?:/(?P<event>[^/]+))?$")
+_ID = re.compile(r"^[a-v0-9]{5,1024}$")  # base32hex, as Calendar requires of client-chosen ids
+
+
+def _error(code: int, reason: str, message: str) -> dict:
+    return {
+        "error": {
+            "errors": [{"domain": "global", "reason": reason, "message": message}],
+            "code": code,
+            "message": message,
+        }
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as httplib2 expects
+    server: FakeGoogle
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, payload: dict | None = None, headers: dict | None = None) -> None:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if payload is not None:
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch("GET")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        body = self._body()
+        fake = self.server
+        if url.path == "/token" and method == "POST":
+            status, payload = fake._token(parse_qs(body.decode()))
+            with fake.lock:
+                fake.requests.append((method, url.path, None))
+            return self._send(status, payload)
+        match = _EVENTS.match(url.path)
+        if not match:
+            return self._send(404, _error(404, "notFound", "Not Found"))
+        auth = self.headers.get("Authorization", "")
+        with fake.lock:
+            owner = fake._owner_of(auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else "")
+            fake.requests.append((method, url.path, owner))
+            if owner is None:
+                return self._send(
+                    401,
+                    _error(401, "authError", "Invalid Credentials"),
+                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+                )
+            if fake._faults:
+                status, retry_after = fake._faults.pop(0)
+                headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+                reason = "rateLimitExceeded" if status == 429 else "backendError"
+                return self._send(status, _error(status, reason, "injected fault"), headers)
+            calendar, event_id = unquote(match["cal"]), match["event"] and unquote(match["event"])
+            status, payload = fake._events_call(method, owner, calendar, event_id, body, parse_qs(url.query))
+        return self._send(status, payload)
+
+
+class FakeGoogle(ThreadingHTTPServer):
+    """The fake, as a context manager: ``with FakeGoogle() as g: ... g.url ...``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, *, access_token_ttl: int = 3600) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.access_token_ttl = access_token_ttl
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> owner
+        self.revoked: set[str] = set()
+        self.access_tokens: dict[str, tuple[str, float]] = {}  # access token -> (owner, expires at)
+        self.events: dict[tuple[str, str], dict[str, dict]] = {}  # (owner, calendar) -> id -> event
+        self._faults: list[tuple[int, int | None]] = []
+        self._seq = 0
+
+    # --- addresses ---------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @property
+    def token_uri(self) -> str:
+        return f"{self.url}/token"
+
+    @property
+    def api_endpoint(self) -> str:
+        return f"{self.url}/calendar/v3/"
+
+    def __enter__(self) -> FakeGoogle:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+    # --- test controls -----------------------------------------------------------
+    def grant(self, owner: str) -> str:
+        """A new refresh token for ``owner`` (what the OAuth consent flow would give)."""
+        token = "1//refresh-" + secrets.token_urlsafe(12)
+        with self.lock:
+            self.refresh_tokens[token] = owner
+        return token
+
+    def issue_access_token(self, owner: str, ttl: int | None = None) -> str:
+        token = "ya29.fake-" + secrets.token_urlsafe(12)
+        with self.lock:
+            self.access_tokens[token] = (owner, time.time() + (self.access_token_ttl if ttl is None else ttl))
+        return token
+
+    def revoke(self, refresh_token: str) -> None:
+        """The user revoked access: the refresh token and its access tokens stop working."""
+        with self.lock:
+            self.revoked.add(refresh_token)
+            owner = self.refresh_tokens.get(refresh_token)
+            self.access_tokens = {k: v for k, v in self.access_tokens.items() if v[0] != owner}
+
+    def expire_access_tokens(self) -> None:
+        with self.lock:
+            self.access_tokens.clear()
+
+    def fail_next(self, count: int, status: int = 429, retry_after: int | None = None) -> None:
+        """The next ``count`` API calls (not token calls) answer ``status``."""
+        with self.lock:
+            self._faults += [(status, retry_after)] * count
+
+    def live_events(self, owner: str, calendar: str = "primary") -> dict[str, dict]:
+        """Events of ``owner``'s calendar that are not deleted (status != cancelled)."""
+        with self.lock:
+            found = self.events.get((owner, calendar), {})
+            return {k: dict(v) for k, v in found.items() if v.get("status") != "cancelled"}
+
+    def calls(self, *methods: str, path_part: str = "/events") -> list[tuple[str, str, str | None]]:
+        with self.lock:
+            return [r for r in self.requests if r[0] in methods and path_part in r[1]]
+
+    def token_calls(self) -> int:
+        with self.lock:
+            return sum(1 for r in self.requests if r[1] == "/token")
+
+    def delete_behind_our_back(self, owner: str, event_id: str, calendar: str = "primary") -> None:
+        """The user deleted (or another client purged) the event on Google."""
+        with self.lock:
+            self.events.get((owner, calendar), {}).pop(event_id, None)
+
+    # --- protocol (called with or without the lock as noted) -------------------------
+    def _token(self, form: dict[str, list[str]]) -> tuple[int, dict]:
+        if form.get("grant_type", [""])[0] != "refresh_token":
+            return 400, {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}
+        if not form.get("client_id") or not form.get("client_secret"):
+            return 401, {"error": "invalid_client", "error_description": "The OAuth client was not found."}
+        refresh = form.get("refresh_token", [""])[0]
+        with self.lock:
+            owner = self.refresh_tokens.get(refresh)
+            if owner is None or refresh in self.revoked:
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "Token has been expired or revoked.",
+                }
+        token = self.issue_access_token(owner)
+        return 200, {
+            "access_token": token,
+            "expires_in": self.access_token_ttl,
+            "token_type": "Bearer",
+            "scope": "https://www.googleapis.com/auth/calendar.events",
+        }
+
+    def _owner_of(self, token: str) -> str | None:  # under lock
+        found = self.access_tokens.get(token)
+        if found is None or found[1] <= time.time():
+            return None
+        return found[0]
+
+    def _events_call(
+        self, method, owner, calendar, event_id, body, query
+    ) -> tuple[int, dict | None]:  # under lock
+        store = self.events.setdefault((owner, calendar), {})
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        if method == "POST" and event_id is None:
+            resource = json.loads(body or b"{}")
+            new_id = resource.get("id")
+            if new_id is None:
+                self._seq += 1
+                new_id = f"fakeevent{self._seq:08d}"
+            elif not _ID.match(new_id):
+                return 400, _error(400, "invalid", "Invalid resource id value.")
+            if new_id in store:
+                return 409, _error(409, "duplicate", "The requested identifier already exists.")
+            if "start" not in resource or "end" not in resource:
+                return 400, _error(400, "required", "Missing time range.")
+            resource.update(
+                kind="calendar#event",
+                id=new_id,
+                created=now,
+                updated=now,
+                etag=f'"{secrets.randbits(40)}"',
+                status=resource.get("status", "confirmed"),
+            )
+            store[new_id] = resource
+            return 200, resource
+        if event_id is None and method == "GET":
+            show_deleted = query.get("showDeleted", ["false"])[0] == "true"
+            items = [e for e in store.values() if show_deleted or e.get("status") != "cancelled"]
+            start = int(query.get("pageToken", ["0"])[0])
+            size = int(query.get("maxResults", ["250"])[0])
+            page = {"kind": "calendar#events", "items": items[start : start + size]}
+            if start + size < len(items):
+                page["nextPageToken"] = str(start + size)
+            return 200, page
+        if event_id is None:
+            return 405, _error(405, "methodNotAllowed", "Method Not Allowed")
+        current = store.get(event_id)
+        if current is None:
+            return 404, _error(404, "notFound", "Not Found")
+        if method == "DELETE":
+            if current.get("status") == "cancelled":
+                return 410, _error(410, "deleted", "Resource has been deleted")
+            current.update(status="cancelled", updated=now)
+            return 204, None
+        if method == "PATCH":
+            patch = json.loads(body or b"{}")
+            patch.pop("id", None)
+            current.update(patch)  # a cancelled event comes back only if the patch sets a status
+            current["updated"] = now
+            return 200, current
+        if method == "GET":
+            return 200, current
+        return 405, _error(405, "methodNotAllowed", "Method Not Allowed")

@@ -5,6 +5,7 @@ Run through ``./dev`` (which first makes ``.venv``). Commands:
     up       provision services, migrate both databases, load demo data, start Airflow
     down     stop Airflow and the private services started by ``up``
     test     provision the *test* services (own ports and data), then run pytest
+    services only PostgreSQL and Redis (migrated), e.g. for benchmarks
     status   what is running
     env      shell exports for this profile: ``eval "$(./dev env)"`` then use ``airflow``/``almanac``
     logs     where the logs are
@@ -471,6 +472,15 @@ def cmd_up(profile: Profile) -> int:
     return 0
 
 
+def cmd_services(profile: Profile) -> int:
+    """PostgreSQL and Redis only, both databases migrated: for benchmarks and ad-hoc work."""
+    env = stack_env(profile, provision=True)
+    write_env_file(profile, env)
+    migrate_all(profile, env)
+    print(f"services up; eval \"$(./dev env --profile {profile.name})\"; stop with ./dev down --profile {profile.name}")
+    return 0
+
+
 def cmd_down(profile: Profile) -> int:
     stop_airflow(profile)
     stop_redis(profile)
@@ -514,7 +524,7 @@ def cmd_env(profile: Profile) -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: ./dev {up|down|test|status|env|logs} [--profile dev|test] [pytest args for test]"
+    usage = "usage: ./dev {up|down|test|services|status|env|logs} [--profile dev|test] [pytest args for test]"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         print(usage)
@@ -530,6 +540,8 @@ def main(argv: list[str]) -> int:
         return cmd_up(profile)
     if command == "down":
         return cmd_down(profile)
+    if command == "services":
+        return cmd_services(profile)
     if command == "test":
         return cmd_test(profile, rest)
     if command == "status":

@@ -26,7 +26,10 @@ As `ics_sync`; a request delivered twice syncs the calendar twice with no furthe
 As `ics_sync`. An unknown calendar id is reported "skipped" in the summary.
 
 ### Retries and limits
-`max_active_runs=1`: requests arriving during a run are folded into the next one.
+`max_active_runs=1`: requests arriving during a run are folded into the next one. A run
+syncs the requests of its triggering events and every request stored since its `run_after`
+(the scheduler alone would leave requests that arrive while a run is being queued
+unconsumed until a later request), so a request can be synced by two runs.
 Per-calendar Redis lock shared with `ics_sync`: never two syncs of one calendar at once.
 
 ### Failure handling
@@ -60,14 +63,24 @@ ICS_SYNC_REQUESTS = ics_sync_requests()
     tags=["almanac", "ics"],
 )
 def ics_sync_requested():
-    @task
+    @task(inlets=[ICS_SYNC_REQUESTS])
     def plan_batches() -> list[dict]:
         from airflow.sdk import get_current_context
 
         from almanac.ics.plan import plan_batches as cut
         from almanac_airflow.settings import load_settings
 
-        events = get_current_context()["triggering_asset_events"].get(ICS_SYNC_REQUESTS, [])
+        context = get_current_context()
+        # The scheduler hands a run only the events up to its queue row's creation (the
+        # first request since the previous run); requests stored after that but before the
+        # run was created queue nothing and would wait for a later request (Airflow 3.3,
+        # apache/airflow#56050). So also read every event from this run's run_after on;
+        # a later run may see some of them again, which the per-calendar sync absorbs.
+        run_after = context["dag_run"].run_after.isoformat()
+        events = [
+            *context["triggering_asset_events"].get(ICS_SYNC_REQUESTS, []),
+            *context["inlet_events"][ICS_SYNC_REQUESTS].after(run_after),
+        ]
         ids = sorted(
             {
                 int(event.extra["payload"]["calendar_id"])

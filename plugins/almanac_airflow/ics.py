@@ -64,16 +64,18 @@ def summarize_run(context) -> dict:
 
     Runs with ``trigger_rule="all_done"``: a batch that failed still pushed its summary; one
     that crashed is counted in ``failedBatches``. Raises after pushing ``total`` when any
-    batch failed, so the run shows failed while ``announce_changes`` still runs.
+    batch (or the plan) failed: it is a leaf task, so the run shows failed.
     """
     from airflow.sdk.exceptions import AirflowFailException
 
     from almanac.ics.sync import combine_summaries
 
     ti = context["ti"]
-    planned = len(ti.xcom_pull(task_ids="plan_batches") or [])
-    pulled = ti.xcom_pull(task_ids="sync_batch", key="summary")
-    summaries = [s for s in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if s]
+    plan = ti.xcom_pull(task_ids="plan_batches")
+    if plan is None:  # planning failed (e.g. an unknown calendar_id): the run must show failed
+        raise AirflowFailException("plan_batches did not succeed; nothing was synced")
+    planned = len(plan)
+    summaries = _batch_summaries(ti)
     total = combine_summaries(summaries)
     total["failedBatches"] = planned - len(summaries) + sum(bool(s.get("batchFailed")) for s in summaries)
     ti.xcom_push(key="total", value=total)
@@ -87,12 +89,17 @@ def summarize_run(context) -> dict:
     return total
 
 
+def _batch_summaries(ti) -> list[dict]:
+    """The ``summary`` XComs of this run's ``sync_batch`` task instances (failed ones too)."""
+    pulled = ti.xcom_pull(task_ids="sync_batch", key="summary")
+    return [s for s in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if s]
+
+
 def announce_changes(context, asset) -> list[int]:
     """Emit ``asset`` naming the calendars whose events changed; skip when none did."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    total = context["ti"].xcom_pull(task_ids="summarize", key="total") or {}
-    changed = sorted(set(total.get("changedCalendarIds", [])))
+    changed = sorted({cid for summary in _batch_summaries(context["ti"]) for cid in summary["changedCalendarIds"]})
     if not changed:
         raise AirflowSkipException("no calendar changed: no asset event")
     context["outlet_events"][asset].extra = {"calendar_ids": changed}
@@ -102,8 +109,10 @@ def announce_changes(context, asset) -> list[int]:
 def sync_pipeline(batches) -> None:
     """Wire the tasks every ICS sync DAG shares after its ``plan_batches`` task.
 
-    ``sync_batch`` (mapped over ``batches``, one task instance per batch) >> ``summarize``
-    >> ``announce_changes`` (emits ``ICS_CALENDARS_CHANGED``). Call inside a ``@dag``.
+    ``sync_batch`` (mapped over ``batches``, one task instance per batch) >> both
+    ``summarize`` and ``announce_changes`` (emits ``ICS_CALENDARS_CHANGED``). Both are leaves
+    with ``trigger_rule="all_done"``: a failed batch or plan fails ``summarize`` and so the
+    run, while the calendars that did change are still announced. Call inside a ``@dag``.
     """
     from airflow.sdk import get_current_context, task
 
@@ -123,4 +132,4 @@ def sync_pipeline(batches) -> None:
     def announce() -> list[int]:
         return announce_changes(get_current_context(), ICS_CALENDARS_CHANGED)
 
-    sync_batch.expand(batch=batches) >> summarize() >> announce()
+    sync_batch.expand(batch=batches) >> [summarize(), announce()]

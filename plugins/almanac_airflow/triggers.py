@@ -39,9 +39,10 @@ ICS_SYNC_REQUESTS = Asset(
 )
 
 # @dag(schedule=[ICS_SYNC_REQUESTS], ...); in a task:
-@task
-def requested_calendar_ids(*, triggering_asset_events=None) -> list[int]:
-    events = triggering_asset_events.get(ICS_SYNC_REQUESTS, []) if triggering_asset_events else []
+@task(inlets=[ICS_SYNC_REQUESTS])
+def requested_calendar_ids(*, triggering_asset_events, inlet_events, dag_run) -> list[int]:
+    events = [*triggering_asset_events.get(ICS_SYNC_REQUESTS, []),
+              *inlet_events[ICS_SYNC_REQUESTS].after(dag_run.run_after.isoformat())]
     return sorted({
         int(e.extra["payload"]["calendar_id"])
         for e in events
@@ -51,9 +52,14 @@ def requested_calendar_ids(*, triggering_asset_events=None) -> list[int]:
 
 Each request becomes one ``AssetEvent`` whose ``extra`` is
 ``{"from_trigger": True, "payload": {"calendar_id": 42, "request_id": "<entry id>"}}``
-(``Trigger.submit_event`` in ``airflow/models/trigger.py``). The scheduler folds every
-event since the previous asset-triggered run into the next run, so one run can carry
-many requests: always iterate over all of them.
+(``Trigger.submit_event`` in ``airflow/models/trigger.py``), stored in its own
+transaction. One run can carry many requests: always iterate over all of them. But the
+Airflow 3.3 scheduler gives a run only the events up to the creation of its
+``asset_dag_run_queue`` row, i.e. up to the *first* request since the previous run;
+requests stored after that and before the run is created (a burst, or anything arriving
+while ``max_active_runs`` holds the run back) queue no run and are consumed only when a
+later request arrives (apache/airflow#56050). Hence the DAG also reads the events stored
+from its own ``run_after`` on, as above; a request may then be seen by two runs.
 
 ## Operational notes
 
@@ -94,6 +100,10 @@ _CLAIM_INTERVAL_SECONDS = 5.0
 _RETRY_FIRST, _RETRY_MAX = 1.0, 30.0
 # XACK/XDEL attempts before the entries are left pending (they are then redelivered).
 _ADVANCE_ATTEMPTS = 3
+# Socket read timeout beyond the XREADGROUP BLOCK time, and the connect timeout (seconds).
+# redis-py 8 defaults socket_timeout to 5 s, the same as our default BLOCK: a reply sent
+# as the block ends raced the client's read timeout and dropped the connection.
+_READ_TIMEOUT_MARGIN, _CONNECT_TIMEOUT = 10.0, 5.0
 
 
 def _raise_if_cancelled() -> None:
@@ -203,6 +213,8 @@ class RedisStreamProducer(SharedStreamProducer):
             db=int(db) if db not in (None, "") else 0,
             decode_responses=True,
             protocol=2,  # fixed reply shapes for XREADGROUP/XAUTOCLAIM
+            socket_timeout=self.block_ms / 1000 + _READ_TIMEOUT_MARGIN,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
             **ssl_args,
         )
 
@@ -300,6 +312,9 @@ class RedisStreamProducer(SharedStreamProducer):
                 retry = _RETRY_FIRST
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Redis unavailable reading %s (%s); retrying in %.0fs", self.stream, exc, retry)
+                # A reply lost with the connection may have delivered entries to this
+                # consumer: re-read its own pending list first (in-flight ones are skipped).
+                self._own_cursor = "0"
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, _RETRY_MAX)
                 continue

@@ -7,8 +7,11 @@ tests an ``apache-airflow-client`` ApiClient carrying that JWT.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,36 @@ def _dev_module():
     return module
 
 
+def _exited(dev, pid: int) -> bool:
+    """Whether ``pid`` has exited, reaping it if it is a child of this process.
+
+    ``start_airflow`` starts the components with ``Popen`` from the test process, and
+    nothing waits for them: an exited component stays a zombie, which ``dev._alive``
+    (``kill(pid, 0)``) still counts as running, and which makes ``start_airflow`` skip
+    the component as "already running".
+    """
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: ask the kernel
+        return not dev._alive(pid)
+    return reaped == pid
+
+
+def _stop(dev, profile, component: str, timeout: float = 60) -> None:
+    """SIGTERM one component's process group and wait until it has exited (and is reaped)."""
+    pidfile = dev._pidfile(profile, component)
+    try:
+        pid = int(pidfile.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _exited(dev, pid)
+        return
+    wait_for(lambda: _exited(dev, pid), timeout=timeout, interval=0.5, what=f"{component} to stop")
+
+
 @pytest.fixture(scope="session")
 def airflow_stack():
     dev = _dev_module()
@@ -39,6 +72,9 @@ def airflow_stack():
         dev.wait_for_api(env, timeout=240)
         yield env
     finally:
+        for component in reversed(COMPONENTS):
+            with contextlib.suppress(Exception, pytest.fail.Exception):  # stop_airflow kills the rest
+                _stop(dev, profile, component, timeout=30)
         dev.stop_airflow(profile)
 
 
@@ -102,12 +138,7 @@ def restart_component(airflow_stack, dev_module):
     profile = dev_module.PROFILES["test"]
 
     def stop(component: str):
-        import os
-        import signal
-
-        pid = int(dev_module._pidfile(profile, component).read_text())
-        os.killpg(pid, signal.SIGTERM)
-        wait_for(lambda: not dev_module._alive(pid), timeout=60, interval=0.5, what=f"{component} to stop")
+        _stop(dev_module, profile, component)
 
         def start():
             dev_module.start_airflow(profile, airflow_stack, components=(component,))

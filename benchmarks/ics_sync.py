@@ -180,7 +180,12 @@ def _warm_worker() -> None:
 def run_cycle(name: str, pool, db_url: str, ids: list[int], batch_size: int, instant, allow) -> dict:
     from almanac.ics.sync import combine_summaries
 
-    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    if batch_size:
+        batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    else:  # what the DAG's planner would cut
+        from almanac.ics.plan import plan_batches
+
+        batches = [b["calendar_ids"] for b in plan_batches(ids)]
     before = event_row_writes(db_url)
     started = time.perf_counter()
     summaries = pool.map(_worker, [(db_url, b, instant, allow) for b in batches], chunksize=1)
@@ -217,7 +222,7 @@ def main() -> int:
     parser.add_argument("--calendars", type=int, default=200)
     parser.add_argument("--events", type=int, default=200, help="events per calendar")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the DAG planner's batches")
     parser.add_argument("--workload", type=Path, help="the shared bench-workload folder (gen.py, mutate.py)")
     parser.add_argument("--feeds-dir", type=Path, help="ready .ics files (skips generation)")
     parser.add_argument("--db-url", default=os.environ.get("ALMANAC_APP_DB_URL"))
@@ -244,7 +249,8 @@ def main() -> int:
         server = serve(feeds)
         host = f"127.0.0.1:{server.server_address[1]}"
         ids = register_calendars(args.db_url, f"http://{host}/", names)
-        print(f"{len(ids)} calendars, {args.workers} workers, batches of {args.batch_size}, anchor {anchor:%Y-%m-%d}")
+        print(f"{len(ids)} calendars, {args.workers} workers, batches of {args.batch_size or 'the planner'}, "
+              f"anchor {anchor:%Y-%m-%d}")
         instant = anchor + timedelta(hours=12)
         pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_warm_worker)
         run_cycle("cold", pool, args.db_url, ids, args.batch_size, instant, host)

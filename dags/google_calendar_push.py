@@ -93,7 +93,7 @@ def google_calendar_push():
         from airflow.sdk import get_current_context
 
         from almanac.google.calendar_push import member_ids_to_push, plan_member_batches
-        from almanac_airflow.google_push import push_scope, setting
+        from almanac_airflow.google_push import push_scope
         from almanac_airflow.hooks import app_db
         from almanac_airflow.settings import load_settings
 
@@ -101,7 +101,7 @@ def google_calendar_push():
         scope = push_scope(get_current_context(), ICS_CALENDARS_CHANGED)
         with app_db() as conn:
             user_ids = member_ids_to_push(conn, scope)
-        batches = plan_member_batches(user_ids, size=setting(settings, "google_push_batch_size"))
+        batches = plan_member_batches(user_ids, size=settings.google_push_batch_size)
         return [{**batch, "calendar_ids": scope} for batch in batches]
 
     @task(map_index_template="{{ batch_label }}", max_active_tis_per_dag=4)

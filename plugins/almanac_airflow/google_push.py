@@ -25,7 +25,6 @@ __all__ = [
     "oauth_client",
     "push_members",
     "push_scope",
-    "setting",
     "token_cipher",
 ]
 
@@ -33,16 +32,6 @@ log = logging.getLogger(__name__)
 
 OAUTH_CONN_ID = "google_oauth"
 FERNET_KEY_VARIABLE = "almanac_token_fernet_key"
-
-# Settings with their defaults until they are in almanac.settings.Settings (read with getattr,
-# so adding the fields there takes effect without touching this file).
-_SETTING_DEFAULTS = {
-    "google_push_batch_size": 100,  # members per mapped task
-    "google_batch_failure_percent": 50,  # a batch fails when more than this share of members failed
-    "google_request_attempts": 4,  # tries per Google call on 429/5xx/connection faults
-    "google_retry_max_wait_s": 60,  # longest wait between tries (Retry-After capped to it)
-    "google_request_timeout_s": 30,  # socket timeout per Google call
-}
 
 
 class PushBatchFailedError(RetryableError):
@@ -52,10 +41,6 @@ class PushBatchFailedError(RetryableError):
     same error everywhere usually means the ``google_oauth`` connection, the Fernet key
     Variable, or Google itself.
     """
-
-
-def setting(settings, name: str):
-    return getattr(settings, name, _SETTING_DEFAULTS[name])
 
 
 def token_cipher():
@@ -132,9 +117,9 @@ def push_members(batch: dict, context, *, sleep: Callable[[float], None] = time.
 
     settings = load_settings()
     policy = RetryPolicy(
-        attempts=setting(settings, "google_request_attempts"),
-        max_wait_s=float(setting(settings, "google_retry_max_wait_s")),
-        timeout_s=float(setting(settings, "google_request_timeout_s")),
+        attempts=settings.google_request_attempts,
+        max_wait_s=float(settings.google_retry_max_wait_s),
+        timeout_s=float(settings.google_request_timeout_s),
     )
     cipher, oauth = token_cipher(), oauth_client()
     with app_db() as conn:
@@ -148,7 +133,7 @@ def push_members(batch: dict, context, *, sleep: Callable[[float], None] = time.
             sleep=sleep,
         )
     summary = result.summary()
-    limit = setting(settings, "google_batch_failure_percent")
+    limit = settings.google_batch_failure_percent
     failed_percent = 100 * summary["errorCount"] / max(1, summary["totalMembers"])
     summary["batchFailed"] = failed_percent > limit
     context["ti"].xcom_push(key="summary", value=summary)

@@ -1,4 +1,14 @@
-"""Opening connections to the application database from a URL (outside Airflow)."""
+"""The one way Almanac opens a connection to the application database, from a URL.
+
+Inside Airflow the URL comes from the ``app_db`` connection (``almanac_airflow.hooks.app_db``);
+outside it (the ``almanac`` CLI, benchmarks) from ``--db-url`` or ``ALMANAC_APP_DB_URL``.
+Both end here, so every caller gets the same driver, options and ``application_name``.
+
+Transactions: a function that takes ``conn`` runs inside the caller's transaction and does
+not commit, unless its docstring says "Commits". The job entry points that work item by item
+(``sync_batch``, ``push_batch``) say so: they commit per item so one item's failure keeps the
+others' work.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +22,19 @@ __all__ = ["app_db_url", "connect"]
 
 
 def app_db_url(url: str | None = None) -> str:
-    """The application DB URL: ``url``, else ``ALMANAC_APP_DB_URL``, else ``AIRFLOW_CONN_APP_DB``.
-
-    The last is the same URI Airflow reads for the ``app_db`` connection, so the CLI and
-    the DAGs find the same database without a second setting.
-    """
-    found = url or os.environ.get("ALMANAC_APP_DB_URL") or os.environ.get("AIRFLOW_CONN_APP_DB")
+    """The application DB URL outside Airflow: ``url``, else ``ALMANAC_APP_DB_URL``."""
+    found = url or os.environ.get("ALMANAC_APP_DB_URL")
     if not found:
-        raise ConfigError("no application database: set ALMANAC_APP_DB_URL or AIRFLOW_CONN_APP_DB")
-    if found.startswith("postgres://"):  # Airflow accepts this spelling; libpq wants postgresql://
-        found = "postgresql://" + found.removeprefix("postgres://")
+        raise ConfigError("no application database: pass --db-url or set ALMANAC_APP_DB_URL")
     return found
 
 
-def connect(url: str | None = None) -> psycopg.Connection:
-    """A new psycopg (3) connection, autocommit off, to the application DB.
+def connect(url: str | None = None, *, application_name: str = "almanac") -> psycopg.Connection:
+    """A new psycopg (3) connection to the application DB, autocommit off.
 
-    psycopg 3 is also what the Postgres provider's hook returns under SQLAlchemy 2, so the
-    domain code sees the same driver inside and outside Airflow.
+    ``url`` is a libpq URL; Airflow's ``postgres://`` spelling is accepted.
     """
-    return psycopg.connect(app_db_url(url), application_name="almanac")
+    dsn = app_db_url(url)
+    if dsn.startswith("postgres://"):  # Airflow's spelling; libpq wants postgresql://
+        dsn = "postgresql://" + dsn.removeprefix("postgres://")
+    return psycopg.connect(dsn, application_name=application_name, connect_timeout=10)

@@ -6,7 +6,7 @@ Lists the calendars due (a feed URL and sync enabled), cuts them into batches of
 guard, size and time limits), parse and expand the feed over the window (30 days back to
 365 ahead of the run's instant), then write only what changed. `summarize` returns
 `{totalCalendars, successCount, errorCount, skippedCount, eventsAdded, eventsUpdated,
-eventsDeleted, changedCalendarIds, results}` (`results` lists calendars that changed, failed
+eventsDeleted, busyCount, changedCalendarIds, results, batches, failedBatches, complete}` (`results` lists calendars that changed, failed
 or were skipped; unchanged ones are only counted) and `announce_changes` emits the Asset
 `almanac://ics/calendars-changed` naming the calendars that changed.
 
@@ -27,19 +27,26 @@ Key: `(calendar_id, uid, recurrence_id)` with a content hash. An unchanged feed 
 same body hash) is neither parsed nor written; a rerun writes nothing more.
 
 ### Side effects
-Writes `events` and the sync state columns of `calendars` (application DB). Per-calendar
-lock in Redis (`almanac:lock:ics_sync:<id>`, TTL `ics_lock_ttl_s`): a calendar being synced
-by another run is reported "skipped".
+Writes `events`, the sync state columns of `calendars` and, in the same transaction as a
+change, `calendar_push_pending` (so `google_calendar_push` pushes every committed change even
+if this try fails later). Per-calendar lease in Redis (`almanac:lease:ics_sync:<id>`, TTL
+`ics_lock_ttl_s` = 30 s, renewed while the task lives; a retry of the same task instance takes
+it over at once): a calendar another run is syncing is waited for up to `ics_lease_wait_s`,
+then reported `busy` — counted as failed (retryable), never as a clean success.
 
 ### Retries and limits
 `max_active_runs=1`. Transient feed errors are retried inside the task (`ics_fetch_attempts`,
-honouring Retry-After); the task itself has the shared retries.
+honouring Retry-After, the shared `almanac.retry` policy). Task retries fit the 5-minute
+schedule: 2 retries after ~30 s and ~60 s. Permanent errors (an unknown `calendar_id`, a
+missing setting, a batch whose failures are all permanent) fail at once, without retries.
 
 ### Failure handling
-A calendar's failure is recorded on it (`sync_status`, `last_error`, `consecutive_failures`)
-and never fails the others. A batch task fails — so Airflow retries and alerts — only when
-more than `ics_batch_failure_percent` of its calendars failed. An unknown `calendar_id` fails
-the run at once with a clear message.
+A calendar's failure — any exception from fetch, parse or store — is recorded on it
+(`sync_status`, `last_error`, `consecutive_failures`) and never fails the others; only
+database and Redis faults fail the batch. A batch task fails — so Airflow retries and alerts —
+only when more than `ics_batch_failure_percent` of its calendars failed. `summarize` fails the
+run when the plan or any batch failed; its result says `complete: false` when any calendar
+failed or was busy. An unknown `calendar_id` fails the run at once with a clear message.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from almanac_airflow.ics import sync_pipeline
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args=default_args(execution_timeout=timedelta(minutes=10)),
+    default_args=default_args(every=timedelta(minutes=5), execution_timeout=timedelta(minutes=10)),
     params={
         "calendar_id": Param(
             None,
@@ -78,24 +85,30 @@ def ics_sync():
     @task
     def plan_batches() -> list[dict]:
         from airflow.sdk import get_current_context
-        from airflow.sdk.exceptions import AirflowFailException
 
+        from almanac.batches import as_entity_id
+        from almanac.batches import plan_batches as cut
+        from almanac.errors import PermanentError
         from almanac.ics.plan import due_calendar_ids, existing_calendar_ids
-        from almanac.ics.plan import plan_batches as cut
         from almanac_airflow.hooks import app_db
         from almanac_airflow.settings import load_settings
 
         settings = load_settings()
-        calendar_id = get_current_context()["params"].get("calendar_id")
+        raw = get_current_context()["params"].get("calendar_id")
         with app_db() as conn:
-            if calendar_id is not None:
+            if raw is not None:
+                try:
+                    calendar_id = as_entity_id(raw)
+                except ValueError as exc:
+                    raise PermanentError(f"calendar_id {raw!r}: {exc}") from exc
                 if not existing_calendar_ids(conn, [calendar_id]):
-                    raise AirflowFailException(f"calendar_id {calendar_id} does not exist")
+                    raise PermanentError(f"calendar_id {calendar_id} does not exist")
                 ids = [calendar_id]
             else:
                 ids = due_calendar_ids(conn)
         return cut(
             ids,
+            noun="calendars",
             min_size=settings.ics_batch_min,
             max_size=settings.ics_batch_max,
             target_count=settings.ics_batch_target_count,

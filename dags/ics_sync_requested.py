@@ -30,10 +30,13 @@ As `ics_sync`. An unknown calendar id is reported "skipped" in the summary.
 syncs the requests of its triggering events and every request stored since its `run_after`
 (the scheduler alone would leave requests that arrive while a run is being queued
 unconsumed until a later request), so a request can be synced by two runs.
-Per-calendar Redis lock shared with `ics_sync`: never two syncs of one calendar at once.
+Per-calendar Redis lease shared with `ics_sync`: never two syncs of one calendar at once; a
+calendar `ics_sync` is syncing right then is waited for, then reported `busy` (the batch is
+retried when too many are).
 
 ### Failure handling
-As `ics_sync`. A malformed request is logged by the trigger and dropped.
+As `ics_sync`. A malformed request is moved by the trigger to the dead-letter stream
+`almanac:ics_sync:requests:dead` with the reason (README, "Dead letters").
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ ICS_SYNC_REQUESTS = ics_sync_requests()
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args=default_args(execution_timeout=timedelta(minutes=10)),
+    default_args=default_args(every=timedelta(minutes=5), execution_timeout=timedelta(minutes=10)),
     tags=["almanac", "ics"],
 )
 def ics_sync_requested():
@@ -67,7 +70,8 @@ def ics_sync_requested():
     def plan_batches() -> list[dict]:
         from airflow.sdk import get_current_context
 
-        from almanac.ics.plan import plan_batches as cut
+        from almanac.batches import plan_batches as cut
+        from almanac.ics.requests import requested_calendar_ids
         from almanac_airflow.settings import load_settings
 
         context = get_current_context()
@@ -81,15 +85,9 @@ def ics_sync_requested():
             *context["triggering_asset_events"].get(ICS_SYNC_REQUESTS, []),
             *context["inlet_events"][ICS_SYNC_REQUESTS].after(run_after),
         ]
-        ids = sorted(
-            {
-                int(event.extra["payload"]["calendar_id"])
-                for event in events
-                if isinstance(event.extra.get("payload"), dict) and "calendar_id" in event.extra["payload"]
-            }
-        )
+        ids = requested_calendar_ids(event.extra for event in events)
         settings = load_settings()
-        return cut(ids, min_size=settings.ics_batch_min, max_size=settings.ics_batch_max,
+        return cut(ids, noun="calendars", min_size=settings.ics_batch_min, max_size=settings.ics_batch_max,
                    target_count=settings.ics_batch_target_count)
 
     sync_pipeline(plan_batches())

@@ -7,9 +7,6 @@ import os
 import psycopg
 import pytest
 
-APP_TABLES = ["invitations", "events", "calendar_members", "calendars", "users", "tenants"]
-
-
 def _required_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
@@ -33,9 +30,12 @@ def migrated(app_db_url: str) -> str:
 
 @pytest.fixture
 def db(migrated: str):
-    """A connection to an empty (truncated) application DB."""
+    """A connection to an empty application DB (every table but ``schema_migrations`` truncated)."""
     with psycopg.connect(migrated) as conn:
-        conn.execute(f"TRUNCATE {', '.join(APP_TABLES)} RESTART IDENTITY CASCADE")
+        tables = [row[0] for row in conn.execute(
+            "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+        )]
+        conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         conn.commit()
         yield conn
 

@@ -6,7 +6,7 @@
     almanac ics inspect SOURCE    parse and expand a feed (URL or file): one JSON object per instance
     almanac ics sync CALENDAR_ID  the ics_sync DAG's sync of one calendar, outside Airflow
 
-The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``, else ``AIRFLOW_CONN_APP_DB``.
+The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
 Variable the DAGs read). Feed hosts the address guard lets through: ``--allow-host`` or the
 ``ics_allow_hosts`` setting.
@@ -37,7 +37,7 @@ def _anchor(value: str) -> datetime:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="almanac", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db-url", help="application DB URL (default: $ALMANAC_APP_DB_URL or $AIRFLOW_CONN_APP_DB)")
+    parser.add_argument("--db-url", help="application DB URL (default: $ALMANAC_APP_DB_URL)")
     groups = parser.add_subparsers(dest="group", required=True)
 
     db = groups.add_parser("db", help="application database").add_subparsers(dest="command", required=True)
@@ -136,23 +136,30 @@ def _run(args: argparse.Namespace, conn) -> int:
         inserted = load(conn, generate(spec))
         print("demo data: " + ", ".join(f"{table} +{n}" for table, n in inserted.items()))
     elif (args.group, args.command) == ("ics", "sync"):
-        from almanac.ics.sync import sync_batch
+        import socket
+        from contextlib import nullcontext
+
+        from almanac.batches import summarize_batch
+        from almanac.db.redis_conn import connect_redis
+        from almanac.ics.sync import ICS_KIND, sync_batch
+        from almanac.leases import LeaseKeeper
 
         settings = _settings()
-        redis = None
-        if os.environ.get("ALMANAC_REDIS_URL"):
-            import redis as redis_lib
-
-            redis = redis_lib.Redis.from_url(os.environ["ALMANAC_REDIS_URL"])
-        result = sync_batch(
-            conn,
-            [args.calendar_id],
-            instant=datetime.now(timezone.utc),
-            settings=settings,
-            redis=redis,
-            allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
+        # The same leases as the DAGs, so a CLI sync never races a running one.
+        keeper = (
+            LeaseKeeper(connect_redis(), f"cli:{socket.gethostname()}:{os.getpid()}", ttl_s=settings.ics_lock_ttl_s)
+            if os.environ.get("ALMANAC_REDIS_URL") else nullcontext(None)
         )
-        summary = result.summary(keep_unchanged=True)
+        with keeper as leases:
+            results = sync_batch(
+                conn,
+                [args.calendar_id],
+                instant=datetime.now(timezone.utc),
+                settings=settings,
+                leases=leases,
+                allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
+            )
+        summary = summarize_batch(ICS_KIND, results, keep_unchanged=True)
         print(json.dumps(summary, indent=2))
         return 0 if summary["errorCount"] == 0 else 1
     return 0

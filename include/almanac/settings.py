@@ -59,8 +59,12 @@ class Settings:
     #: A batch task fails (so Airflow retries and alerts) when more than this share of its
     #: calendars failed, in percent.
     ics_batch_failure_percent: int = 50
-    #: Per-calendar lock lifetime in Redis, in seconds (a crashed run frees it after this).
-    ics_lock_ttl_s: int = 600
+    #: Per-calendar lease lifetime in Redis, in seconds. A live holder renews it every third of
+    #: this; a crashed one frees it after this long (a retry of the same task takes it at once).
+    ics_lock_ttl_s: int = 30
+    #: How long a batch waits, at its end, for leases other runs hold before it reports those
+    #: calendars ``busy`` (retryable), in seconds.
+    ics_lease_wait_s: int = 10
     #: Instances kept per feed at most (unbounded rules are capped).
     ics_max_instances: int = 200_000
     #: Hosts (``host`` or ``host:port``, comma-separated) the feed address guard lets through

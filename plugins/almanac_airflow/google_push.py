@@ -1,5 +1,5 @@
 """Google glue: the OAuth client from connection ``google_oauth``, the token key from a Variable,
-the run's scope from params or triggering asset events, and the push task body.
+the run's scope from params, triggering asset events and pending calendars, and the task bodies.
 
 - Connection ``google_oauth``: login = OAuth client id, password = client secret, extra
   ``{"token_uri": "...", "api_endpoint": "..."}`` (both optional; Google's by default, a
@@ -16,15 +16,16 @@ import logging
 import time
 from collections.abc import Callable
 
-from almanac.errors import ConfigError, RetryableError
+from almanac.errors import ConfigError
 
 __all__ = [
     "FERNET_KEY_VARIABLE",
     "OAUTH_CONN_ID",
-    "PushBatchFailedError",
+    "mark_pushed",
     "oauth_client",
-    "push_members",
+    "plan_push",
     "push_scope",
+    "push_work",
     "token_cipher",
 ]
 
@@ -32,15 +33,6 @@ log = logging.getLogger(__name__)
 
 OAUTH_CONN_ID = "google_oauth"
 FERNET_KEY_VARIABLE = "almanac_token_fernet_key"
-
-
-class PushBatchFailedError(RetryableError):
-    """More members of a batch failed than ``google_batch_failure_percent`` allows.
-
-    What to do: read the batch's ``summary`` XCom (each failed member with its error). The
-    same error everywhere usually means the ``google_oauth`` connection, the Fernet key
-    Variable, or Google itself.
-    """
 
 
 def token_cipher():
@@ -79,17 +71,20 @@ def oauth_client():
 
 
 def push_scope(context, asset) -> list[int] | None:
-    """The calendars this run pushes; ``None`` means every calendar.
+    """The calendars this run pushes, before pending ones are added; ``None`` means every calendar.
 
     A manual run's ``calendar_ids`` param wins when it is not empty. Otherwise the union of
     ``calendar_ids`` in the extras of the asset events that triggered the run (Airflow 3:
     ``context["triggering_asset_events"][asset]`` is a list of events with ``.extra``; one
-    run may consume several events). An asset event without ``calendar_ids`` (e.g. created
-    by hand in the UI) asks for a full reconciliation.
+    run may consume several events). A run with neither — the periodic one, or a manual run
+    without params — and an asset event without ``calendar_ids`` (e.g. created by hand in
+    the UI) reconcile everything.
     """
+    from almanac.batches import as_entity_id
+
     requested = (context.get("params") or {}).get("calendar_ids")
     if requested:
-        return sorted({int(c) for c in requested})
+        return sorted({as_entity_id(c) for c in requested})
     events = list((context.get("triggering_asset_events") or {}).get(asset, []) or [])
     if not events:
         return None
@@ -99,19 +94,43 @@ def push_scope(context, asset) -> list[int] | None:
         if not isinstance(found, list):
             log.warning("asset event without calendar_ids in its extra: pushing every calendar")
             return None
-        ids.update(int(c) for c in found)
+        for value in found:
+            try:
+                ids.add(as_entity_id(value))
+            except ValueError:
+                log.warning("asset event with a malformed calendar id %r: ignored", value)
     return sorted(ids)
 
 
-def push_members(batch: dict, context, *, sleep: Callable[[float], None] = time.sleep) -> dict:
-    """Push one batch of members; push its summary to XCom (key ``summary``) and return it.
+def plan_push(context, asset) -> list[dict]:
+    """Plan a push run: its scope (plus every calendar still pending), cut into member batches.
 
-    Raises:
-        PushBatchFailedError: more than ``google_batch_failure_percent`` of the members failed
-            (after the summary is pushed, so a failed batch still reports every member).
+    Pushes the pending snapshot ``[[calendar_id, generation], ...]`` to XCom key ``pending``
+    so ``mark_pushed`` clears exactly what this run covered.
     """
+    from almanac.batches import plan_batches
+    from almanac.google.calendar_push import member_ids_to_push, pending_pushes
+    from almanac_airflow.hooks import app_db
+    from almanac_airflow.settings import load_settings
+
+    settings = load_settings()
+    scope = push_scope(context, asset)
+    with app_db() as conn:
+        pending = pending_pushes(conn)  # every pending calendar is in this run's scope
+        if scope is not None:
+            scope = sorted(set(scope) | set(pending))
+        user_ids = member_ids_to_push(conn, scope)
+    context["ti"].xcom_push(key="pending", value=[[cid, gen] for cid, gen in sorted(pending.items())])
+    return plan_batches(
+        user_ids, noun="members", min_size=1, max_size=settings.google_push_batch_size,
+        target_count=1, extra={"calendar_ids": scope},
+    )
+
+
+def push_work(batch: dict, context, *, sleep: Callable[[float], None] = time.sleep):
+    """Push one batch of members (``batch["ids"]``) over the run's scope; one result per member."""
     from almanac.google.calendar_push import push_batch
-    from almanac.google.client import RetryPolicy
+    from almanac.retry import RetryPolicy
     from almanac_airflow.hooks import app_db
     from almanac_airflow.settings import load_settings
 
@@ -123,34 +142,30 @@ def push_members(batch: dict, context, *, sleep: Callable[[float], None] = time.
     )
     cipher, oauth = token_cipher(), oauth_client()
     with app_db() as conn:
-        result = push_batch(
+        return push_batch(
             conn,
-            batch["user_ids"],
+            batch["ids"],
             calendar_ids=batch.get("calendar_ids"),
             cipher=cipher,
             oauth=oauth,
             policy=policy,
             sleep=sleep,
         )
-    summary = result.summary()
-    limit = settings.google_batch_failure_percent
-    failed_percent = 100 * summary["errorCount"] / max(1, summary["totalMembers"])
-    summary["batchFailed"] = failed_percent > limit
-    context["ti"].xcom_push(key="summary", value=summary)
-    log.info(
-        "batch: %d members, %d ok, %d failed, %d skipped; Google events +%d ~%d -%d",
-        summary["totalMembers"],
-        summary["successCount"],
-        summary["errorCount"],
-        summary["skippedCount"],
-        summary["eventsCreated"],
-        summary["eventsUpdated"],
-        summary["eventsDeleted"],
-    )
-    if summary["batchFailed"]:
-        first = next((r for r in summary["results"] if r["status"] == "error"), None)
-        raise PushBatchFailedError(
-            f"{summary['errorCount']} of {summary['totalMembers']} members failed "
-            f"({failed_percent:.0f}% > {limit}%); first: {first}"
-        )
-    return summary
+
+
+def mark_pushed(context, *, plan_task_id: str = "plan_batches", summary_task_id: str = "summarize") -> int:
+    """Clear the pending calendars this run pushed to every member (not the failed members' ones)."""
+    from almanac.google.calendar_push import clear_pushed
+    from almanac_airflow.hooks import app_db
+
+    ti = context["ti"]
+    snapshot = {int(cid): int(gen) for cid, gen in (ti.xcom_pull(task_ids=plan_task_id, key="pending") or [])}
+    total = ti.xcom_pull(task_ids=summary_task_id) or {}
+    failed = [r["userId"] for r in total.get("results", []) if r.get("status") in ("error", "busy")]
+    if not snapshot:
+        return 0
+    with app_db() as conn:
+        cleared = clear_pushed(conn, snapshot, failed)
+        conn.commit()
+    log.info("%d pending calendar(s) pushed to every member; %d still pending", cleared, len(snapshot) - cleared)
+    return cleared

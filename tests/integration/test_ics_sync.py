@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from almanac.ics.sync import LOCK_KEY, sync_batch
+from almanac.batches import summarize_batch
+from almanac.ics.sync import ICS_KIND, LEASE_JOB, sync_batch
+from almanac.leases import LeaseKeeper, lease_key
 from almanac.settings import Settings
 from tests.support.feed_server import FeedServer, Route
 
@@ -45,10 +47,28 @@ def calendars(db, server):
     return route
 
 
+class Run(list):
+    """The per-calendar results of one sync_batch, with the batch summary at hand."""
+
+    @property
+    def results(self):
+        return self
+
+    def by_id(self):
+        return {r.item_id: r for r in self}
+
+    def summary(self):
+        return summarize_batch(ICS_KIND, self)
+
+
 def run(db, server, ids, **kw):
     kw.setdefault("settings", FAST)
-    return sync_batch(db, ids, instant=kw.pop("instant", INSTANT), allow_hosts=server.allow_hosts,
-                      sleep=lambda s: None, **kw)
+    return Run(sync_batch(db, ids, instant=kw.pop("instant", INSTANT), allow_hosts=server.allow_hosts,
+                          sleep=kw.pop("sleep", lambda s: None), **kw))
+
+
+def counts(result):
+    return tuple(result.counts.get(k, 0) for k in ("eventsAdded", "eventsUpdated", "eventsDeleted"))
 
 
 def events(db, cid):
@@ -72,8 +92,8 @@ def test_first_sync_stores_the_feed_and_records_success(db, server, calendars):
     calendars(1, Route(body=feed("rie_daylight_saving_time.ics"), etag='"v1"'))
     result = run(db, server, [1])
     (only,) = result.results
-    assert only.status == "updated" and only.eventsAdded > 0
-    assert len(events(db, 1)) == only.eventsAdded
+    assert only.status == "updated" and only.counts["eventsAdded"] > 0
+    assert len(events(db, 1)) == only.counts["eventsAdded"]
     assert state(db, 1) == ("ok", None, 0, True, True)
 
 
@@ -94,7 +114,7 @@ def test_dtstamp_only_change_writes_no_event(db, server, calendars):
     before = events(db, 1)
     calendars(1, Route(body=feed("rie_machbar_16_feb_2019.ics")))
     result = run(db, server, [1])
-    assert (result.results[0].eventsAdded, result.results[0].eventsUpdated, result.results[0].eventsDeleted) == (0, 0, 0)
+    assert counts(result[0]) == (0, 0, 0)
     assert events(db, 1) == before
 
 
@@ -104,7 +124,7 @@ def test_one_bad_feed_never_fails_the_others(db, server, calendars):
     calendars(3, Route(status=404, body=b"gone"))
     calendars(4, Route(status=503, body=b"busy", headers={"Retry-After": "1"}))
     # calendar 5 has no route: 404
-    result = {r.calendarId: r for r in run(db, server, [1, 2, 3, 4, 5], instant=datetime(2019, 3, 3, tzinfo=UTC)).results}
+    result = run(db, server, [1, 2, 3, 4, 5], instant=datetime(2019, 3, 3, tzinfo=UTC)).by_id()
     assert result[1].status == "updated"
     assert [result[c].status for c in (2, 3, 4, 5)] == ["error"] * 4
     assert "FeedNotICalendarError" in result[2].error
@@ -112,6 +132,7 @@ def test_one_bad_feed_never_fails_the_others(db, server, calendars):
     assert "FeedUnavailableError" in result[4].error
     assert state(db, 2)[:3] == ("error", result[2].error, 1)
     assert server.hits("/cal4.ics") == FAST.ics_fetch_attempts  # transient: retried inside the task
+    assert [result[c].permanent for c in (2, 3, 4)] == [True, True, False]
 
 
 def test_an_emptied_feed_is_held_back(db, server, calendars):
@@ -126,26 +147,71 @@ def test_an_emptied_feed_is_held_back(db, server, calendars):
     assert state(db, 1)[0] == "held"
 
 
-def test_a_calendar_locked_by_another_run_is_skipped(db, server, calendars, redis_client):
+def test_a_calendar_leased_by_another_run_is_busy_not_a_success(db, server, calendars, redis_client):
     calendars(1, Route(body=feed("rie_three_events.ics")))
-    redis_client.set(LOCK_KEY.format(calendar_id=1), "other-run", ex=60)
-    result = run(db, server, [1], redis=redis_client)
-    assert result.results[0].status == "skipped"
+    with LeaseKeeper(redis_client, "ics_sync/other-run/sync_batch/0") as other, other.hold(lease_key(LEASE_JOB, 1)):
+        with LeaseKeeper(redis_client, "ics_sync_requested/run/sync_batch/0") as mine:
+            result = run(db, server, [1], leases=mine, settings=Settings(ics_lease_wait_s=1))
+    assert result[0].status == "busy" and not result[0].permanent
+    assert result.summary()["errorCount"] == 1 and result.summary()["busyCount"] == 1
     assert server.hits("/cal1.ics") == 0
 
 
-def test_unknown_calendar_is_skipped_not_failed(db, server, calendars):
-    result = run(db, server, [999])
-    assert result.results[0].status == "skipped"
-    assert result.summary()["errorCount"] == 0
+def test_a_busy_calendar_is_synced_once_the_other_run_lets_go(db, server, calendars, redis_client):
+    calendars(1, Route(body=feed("rie_three_events.ics")))
+    calendars(2, Route(body=feed("rie_three_events.ics")))
+    other = LeaseKeeper(redis_client, "ics_sync/other-run/sync_batch/0")
+    held = other.acquire(lease_key(LEASE_JOB, 1))
+    waits = []
+
+    def sleep(seconds):  # the other run finishes while this one waits at the end of its batch
+        waits.append(seconds)
+        other.release(held)
+
+    with LeaseKeeper(redis_client, "ics_sync_requested/run/sync_batch/0") as mine:
+        result = run(db, server, [1, 2], leases=mine, settings=Settings(ics_lease_wait_s=5), sleep=sleep)
+    other.close()
+    assert [r.status for r in result] == ["updated", "updated"] and waits
+    assert redis_client.exists(lease_key(LEASE_JOB, 1)) == 0  # released after the sync
 
 
-def test_summary_has_the_spec_shape(db, server, calendars):
+def test_a_retry_of_the_same_task_takes_over_the_lease_its_killed_try_left(db, server, calendars, redis_client):
+    """Regression (kill -9 mid-batch): the dead try's lock made its own retry skip the calendar."""
+    calendars(1, Route(body=feed("rie_three_events.ics")))
+    owner = "ics_sync/scheduled__2026/sync_batch/3"
+    dead_try = LeaseKeeper(redis_client, owner)
+    dead_try.acquire(lease_key(LEASE_JOB, 1))
+    dead_try._stop.set()  # as after SIGKILL: never renewed, never released
+    with LeaseKeeper(redis_client, owner) as retry:
+        result = run(db, server, [1], leases=retry)
+    assert result[0].status == "updated"
+
+
+def test_a_stored_change_is_marked_pending_for_google_in_the_same_transaction(db, server, calendars):
     calendars(1, Route(body=feed("rie_three_events.ics")))
     calendars(2, Route(status=404))
-    summary = run(db, server, [1, 2], instant=datetime(2019, 3, 3, tzinfo=UTC)).summary()
-    assert {k: summary[k] for k in ("totalCalendars", "successCount", "errorCount")} == {
-        "totalCalendars": 2, "successCount": 1, "errorCount": 1,
-    }
-    assert summary["eventsAdded"] == 3 and summary["changedCalendarIds"] == [1]
-    assert {r["calendarId"] for r in summary["results"]} == {1, 2}
+    run(db, server, [1, 2], instant=datetime(2019, 3, 3, tzinfo=UTC))
+    assert db.execute("SELECT calendar_id, generation FROM calendar_push_pending").fetchall() == [(1, 1)]
+    run(db, server, [1, 2], instant=datetime(2019, 3, 3, tzinfo=UTC))  # unchanged: no new generation
+    assert db.execute("SELECT calendar_id, generation FROM calendar_push_pending").fetchall() == [(1, 1)]
+    calendars(1, Route(body=feed("rie_three_events_one_edited.ics")))
+    run(db, server, [1], instant=datetime(2019, 3, 3, tzinfo=UTC))
+    assert db.execute("SELECT calendar_id, generation FROM calendar_push_pending").fetchall() == [(1, 2)]
+
+
+# A date at the very start of the representable range in a zone east of UTC: the
+# X-WR-TIMEZONE conversion raises OverflowError inside a third-party library.
+OVERFLOWING_FEED = (
+    b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nX-WR-TIMEZONE:Pacific/Kiritimati\r\nBEGIN:VEVENT\r\nUID:a\r\n"
+    b"DTSTART:00010101T000000Z\r\nDTEND:00010101T000000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+
+
+def test_an_exception_that_is_not_ours_costs_only_its_calendar(db, server, calendars):
+    calendars(1, Route(body=feed("rie_three_events.ics")))
+    calendars(2, Route(body=OVERFLOWING_FEED))
+    calendars(3, Route(body=feed("rie_three_events.ics")))
+    result = run(db, server, [1, 2, 3], instant=datetime(2019, 3, 3, tzinfo=UTC)).by_id()
+    assert [result[c].status for c in (1, 2, 3)] == ["updated", "error", "updated"]
+    assert "OverflowError" in result[2].error
+    assert state(db, 2)[:3] == ("error", result[2].error, 1)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import ipaddress
 import logging
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
@@ -17,6 +15,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from almanac.errors import PermanentError, RetryableError
+from almanac.retry import parse_retry_after
 
 __all__ = [
     "FeedHttpError",
@@ -308,26 +307,6 @@ def _ensure_pinned_adapter(session: requests.Session) -> None:
 
 
 # --- fetching ---------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP-date; None if absent
-    or unreadable. A date in the past gives 0."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
-    return max(0.0, (when - now).total_seconds())
 
 
 def _looks_like_icalendar(body: bytes) -> bool:

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from almanac.errors import PermanentError
 
-__all__ = ["EmptyFeedHeldError", "StoreResult", "store_instances"]
+__all__ = ["EmptyFeedHeldError", "StoreResult", "mark_push_pending", "store_instances"]
 
 log = logging.getLogger(__name__)
 
@@ -150,4 +150,22 @@ def _upsert(cur, rows: list[tuple]) -> None:
                updated_at   = now()
          WHERE e.content_hash IS DISTINCT FROM EXCLUDED.content_hash
         """
+    )
+
+
+def mark_push_pending(conn, calendar_ids: list[int]) -> None:
+    """Record that these calendars' events changed and are not yet pushed to Google.
+
+    Call in the same transaction as the change (the caller commits), so a change that is
+    committed is never forgotten by google_calendar_push, even when the task try that made
+    it fails afterwards and its asset event is never emitted.
+    """
+    conn.execute(
+        """
+        INSERT INTO calendar_push_pending AS p (calendar_id)
+        SELECT unnest(%s::bigint[])
+        ON CONFLICT (calendar_id) DO UPDATE
+           SET generation = p.generation + 1, changed_at = now()
+        """,
+        (list(calendar_ids),),
     )

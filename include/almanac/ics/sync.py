@@ -11,53 +11,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
+from almanac.batches import ItemResult, Kind
 from almanac.errors import PermanentError, RetryableError
-from almanac.locks import entity_lock
+from almanac.leases import LeaseKeeper, lease_key
+from almanac.retry import RetryPolicy, retry_call
 from almanac.settings import Settings
 
-__all__ = ["BatchResult", "CalendarResult", "combine_summaries", "sync_batch", "sync_window"]
+__all__ = ["ICS_KIND", "LEASE_JOB", "fetch_policy", "sync_batch", "sync_window"]
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "almanac:lock:ics_sync:{calendar_id}"
+#: Leases are ``almanac:lease:ics_sync:<calendar_id>``, shared by every DAG and the CLI.
+LEASE_JOB = "ics_sync"
+
+#: What ICS sync results are called in summaries (the spec's shape).
+ICS_KIND = Kind("Calendars", "calendarId", ("eventsAdded", "eventsUpdated", "eventsDeleted"), "changedCalendarIds")
+
+_INFRA_ERRORS: tuple[type[BaseException], ...] = ()
 
 
-@dataclass
-class CalendarResult:
-    calendarId: int  # noqa: N815 (the spec's result shape)
-    status: str  # updated | unchanged | error | held | skipped
-    eventsAdded: int = 0  # noqa: N815
-    eventsUpdated: int = 0  # noqa: N815
-    eventsDeleted: int = 0  # noqa: N815
-    error: str | None = None
+def _infra_errors() -> tuple[type[BaseException], ...]:
+    """Faults of our own infrastructure (database, Redis): they fail the batch, not the item."""
+    global _INFRA_ERRORS
+    if not _INFRA_ERRORS:
+        import psycopg
+        import redis
 
-
-@dataclass
-class BatchResult:
-    results: list[CalendarResult] = field(default_factory=list)
-
-    @property
-    def error_count(self) -> int:
-        return sum(r.status in ("error", "held") for r in self.results)
-
-    def summary(self, *, keep_unchanged: bool = False) -> dict:
-        """The spec's shape. Unchanged calendars are counted but not listed unless asked."""
-        listed = [r for r in self.results if keep_unchanged or r.status != "unchanged"]
-        return {
-            "totalCalendars": len(self.results),
-            "successCount": sum(r.status in ("updated", "unchanged") for r in self.results),
-            "errorCount": self.error_count,
-            "skippedCount": sum(r.status == "skipped" for r in self.results),
-            "eventsAdded": sum(r.eventsAdded for r in self.results),
-            "eventsUpdated": sum(r.eventsUpdated for r in self.results),
-            "eventsDeleted": sum(r.eventsDeleted for r in self.results),
-            "changedCalendarIds": [r.calendarId for r in self.results if r.status == "updated"],
-            "results": [asdict(r) for r in listed],
-        }
+        _INFRA_ERRORS = (psycopg.Error, redis.RedisError)
+    return _INFRA_ERRORS
 
 
 def sync_window(instant: datetime, settings: Settings) -> tuple[datetime, datetime]:
@@ -65,6 +50,16 @@ def sync_window(instant: datetime, settings: Settings) -> tuple[datetime, dateti
     return (
         instant - timedelta(days=settings.ics_window_days_back),
         instant + timedelta(days=settings.ics_window_days_ahead),
+    )
+
+
+def fetch_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy of one feed fetch inside a task."""
+    return RetryPolicy(
+        attempts=settings.ics_fetch_attempts,
+        base_wait_s=1.0,
+        max_wait_s=float(settings.ics_retry_max_wait_s),
+        timeout_s=float(settings.ics_read_timeout_s),
     )
 
 
@@ -80,16 +75,19 @@ class _Calendar:
 
 
 def _load_calendars(conn, calendar_ids: list[int]) -> dict[int, _Calendar]:
-    rows = conn.execute(
-        """
-        SELECT id, source_url, time_zone, etag, last_modified, body_sha256, window_anchor
-          FROM calendars
-         WHERE id = ANY(%s) AND sync_enabled
-        """,
-        (calendar_ids,),
-    ).fetchall()
+    from psycopg.rows import class_row
+
+    with conn.cursor(row_factory=class_row(_Calendar)) as cur:
+        rows = cur.execute(
+            """
+            SELECT id, source_url, time_zone, etag, last_modified, body_sha256, window_anchor
+              FROM calendars
+             WHERE id = ANY(%s) AND sync_enabled
+            """,
+            (calendar_ids,),
+        ).fetchall()
     conn.commit()
-    return {row[0]: _Calendar(*row) for row in rows}
+    return {row.id: row for row in rows}
 
 
 def sync_batch(
@@ -98,19 +96,23 @@ def sync_batch(
     *,
     instant: datetime,
     settings: Settings | None = None,
-    redis=None,
+    leases: LeaseKeeper | None = None,
     session=None,
     allow_hosts: frozenset[str] = frozenset(),
     sleep: Callable[[float], None] = time.sleep,
-) -> BatchResult:
-    """Sync each calendar of the batch; return per-calendar results.
+) -> list[ItemResult]:
+    """Sync each calendar of the batch; return one ``ItemResult`` per calendar. Commits per calendar.
 
     Parameters:
-        conn: psycopg connection to the application DB (committed per calendar).
+        conn: psycopg connection to the application DB.
         instant: the run's instant (data interval end or logical date); anchors the window.
-        redis: redis-py client for per-calendar locks (None: no locking, e.g. the CLI).
+        leases: the task's ``LeaseKeeper`` (None: no leasing, e.g. a test). A calendar whose
+            lease another live run holds is tried again at the end of the batch, after up to
+            ``ics_lease_wait_s``; still held, it is reported ``busy`` (retryable).
         session: ``requests.Session`` to reuse connections (one is made if None).
         allow_hosts: hosts the address guard lets through (dev and test feed servers).
+    Raises:
+        Only infrastructure faults (database, Redis); every feed problem is a per-calendar result.
     """
     import requests
 
@@ -118,54 +120,88 @@ def sync_batch(
     session = session or requests.Session()
     ids = list(dict.fromkeys(calendar_ids))
     calendars = _load_calendars(conn, ids)
-    batch = BatchResult()
+    results: dict[int, ItemResult] = {}
     unchanged: list[tuple[int, str | None, str | None]] = []
+    busy: list[int] = []
+
+    def attempt(calendar: _Calendar) -> ItemResult | None:
+        if leases is None:
+            return _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged, None)
+        with leases.hold(lease_key(LEASE_JOB, calendar.id)) as lease:
+            if not lease.taken:
+                return None
+            return _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged, lease)
+
     for calendar_id in ids:
         calendar = calendars.get(calendar_id)
         if calendar is None:
-            batch.results.append(CalendarResult(calendar_id, "skipped", error="calendar not found or sync disabled"))
-            continue
-        if not calendar.source_url:
-            batch.results.append(CalendarResult(calendar_id, "skipped", error="calendar has no feed URL"))
-            continue
-        if redis is None:
-            result = _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged)
+            results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar not found or sync disabled")
+        elif not calendar.source_url:
+            results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar has no feed URL")
         else:
-            key = LOCK_KEY.format(calendar_id=calendar_id)
-            with entity_lock(redis, key, settings.ics_lock_ttl_s) as taken:
-                if taken:
-                    result = _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged)
-                else:
-                    result = CalendarResult(calendar_id, "skipped", error="another run is syncing this calendar")
-        batch.results.append(result)
+            result = attempt(calendar)
+            if result is None:
+                busy.append(calendar_id)
+            else:
+                results[calendar_id] = result
+    deadline = time.monotonic() + settings.ics_lease_wait_s
+    while busy and time.monotonic() < deadline:
+        sleep(1.0)
+        still = []
+        for calendar_id in busy:
+            result = attempt(calendars[calendar_id])
+            if result is None:
+                still.append(calendar_id)
+            else:
+                results[calendar_id] = result
+        busy = still
+    for calendar_id in busy:
+        results[calendar_id] = ItemResult(
+            calendar_id, "busy",
+            error=f"another run held this calendar's lease for more than {settings.ics_lease_wait_s}s; not synced",
+        )
     if unchanged:
         _record_unchanged(conn, unchanged)
-    return batch
+    return [results[calendar_id] for calendar_id in ids]
 
 
-def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged) -> CalendarResult:
+def _fetch_result(calendar_id: int, status: str, stored=None, error: str | None = None,
+                  permanent: bool = False) -> ItemResult:
+    counts = {}
+    if stored is not None:
+        counts = {"eventsAdded": stored.added, "eventsUpdated": stored.updated, "eventsDeleted": stored.deleted}
+    return ItemResult(calendar_id, status, counts, error=error, permanent=permanent)
+
+
+def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged,
+              lease) -> ItemResult:
     from almanac.ics.fetch import fetch_feed
     from almanac.ics.parse import parse_feed
-    from almanac.ics.store import EmptyFeedHeldError, store_instances
+    from almanac.ics.store import EmptyFeedHeldError, mark_push_pending, store_instances
 
     host = urlsplit(calendar.source_url).hostname or "?"
+    policy = fetch_policy(settings)
 
     def fetch(etag, last_modified):
-        return fetch_feed(
-            calendar.source_url,
-            etag=etag,
-            last_modified=last_modified,
-            session=session,
-            connect_timeout=settings.ics_connect_timeout_s,
-            read_timeout=settings.ics_read_timeout_s,
-            deadline=settings.ics_fetch_deadline_s,
-            max_bytes=settings.ics_max_bytes,
-            max_redirects=settings.ics_max_redirects,
-            allow_hosts=allow_hosts,
+        return retry_call(
+            lambda: fetch_feed(
+                calendar.source_url,
+                etag=etag,
+                last_modified=last_modified,
+                session=session,
+                connect_timeout=settings.ics_connect_timeout_s,
+                read_timeout=settings.ics_read_timeout_s,
+                deadline=settings.ics_fetch_deadline_s,
+                max_bytes=settings.ics_max_bytes,
+                max_redirects=settings.ics_max_redirects,
+                allow_hosts=allow_hosts,
+            ),
+            policy,
+            sleep=sleep,
         )
 
     try:
-        fetched = _fetch_with_retries(lambda: fetch(calendar.etag, calendar.last_modified), settings, sleep)
+        fetched = fetch(calendar.etag, calendar.last_modified)
         same_body = fetched.not_modified or (
             fetched.body_sha256 is not None and fetched.body_sha256 == calendar.body_sha256
         )
@@ -174,9 +210,9 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
         window_fresh = calendar.window_anchor is not None and instant - calendar.window_anchor < timedelta(days=1)
         if same_body and window_fresh:
             unchanged.append((calendar.id, fetched.etag or calendar.etag, fetched.last_modified or calendar.last_modified))
-            return CalendarResult(calendar.id, "unchanged")
+            return _fetch_result(calendar.id, "unchanged")
         if fetched.body is None:  # 304, but the window must move on: fetch without validators
-            fetched = _fetch_with_retries(lambda: fetch(etag=None, last_modified=None), settings, sleep)
+            fetched = fetch(None, None)
         window_start, window_end = sync_window(instant, settings)
         parsed = parse_feed(
             fetched.body,
@@ -195,6 +231,8 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
             window_end=window_end,
             empty_guard_min=settings.ics_empty_feed_guard_min_events,
         )
+        if stored.changed:
+            mark_push_pending(conn, [calendar.id])
         conn.execute(
             """
             UPDATE calendars
@@ -205,19 +243,24 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
             """,
             (fetched.etag, fetched.last_modified, fetched.body_sha256, instant, stored.total, calendar.id),
         )
+        if lease is not None and lease.lost:
+            conn.rollback()
+            return _fetch_result(calendar.id, "busy", error="lease lost to another run before commit; not stored")
         conn.commit()
         log.info(
             "calendar %s (%s): +%d ~%d -%d of %d", calendar.id, host, stored.added, stored.updated,
             stored.deleted, stored.total,
         )
-        return CalendarResult(
-            calendar.id, "updated" if stored.changed else "unchanged",
-            stored.added, stored.updated, stored.deleted,
-        )
-    except (PermanentError, RetryableError) as exc:
+        return _fetch_result(calendar.id, "updated" if stored.changed else "unchanged", stored)
+    except Exception as exc:
+        if isinstance(exc, _infra_errors()):
+            raise
         conn.rollback()
         status = "held" if isinstance(exc, EmptyFeedHeldError) else "error"
-        message = f"{type(exc).__name__}: {exc}"
+        known = isinstance(exc, PermanentError | RetryableError)
+        message = f"{type(exc).__name__}: {exc}" if known else f"unexpected {type(exc).__name__}: {exc}"
+        if not known:
+            log.exception("calendar %s (%s): unexpected error", calendar.id, host)
         conn.execute(
             """
             UPDATE calendars
@@ -229,19 +272,7 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
         )
         conn.commit()
         log.warning("calendar %s (%s): %s", calendar.id, host, message)
-        return CalendarResult(calendar.id, status, error=message)
-
-
-def _fetch_with_retries(fetch, settings: Settings, sleep):
-    for attempt in range(1, settings.ics_fetch_attempts + 1):
-        try:
-            return fetch()
-        except RetryableError as exc:
-            if attempt == settings.ics_fetch_attempts:
-                raise
-            wait = getattr(exc, "retry_after", None) or 2 ** (attempt - 1)
-            sleep(min(float(wait), settings.ics_retry_max_wait_s))
-    raise AssertionError("unreachable")
+        return _fetch_result(calendar.id, status, error=message, permanent=isinstance(exc, PermanentError))
 
 
 def _record_unchanged(conn, unchanged) -> None:
@@ -262,22 +293,3 @@ def _record_unchanged(conn, unchanged) -> None:
         },
     )
     conn.commit()
-
-
-def combine_summaries(summaries: Iterable[dict | None]) -> dict:
-    """One run's result from its batches' summaries (a batch that failed may be missing)."""
-    total = {
-        "totalCalendars": 0, "successCount": 0, "errorCount": 0, "skippedCount": 0,
-        "eventsAdded": 0, "eventsUpdated": 0, "eventsDeleted": 0,
-        "changedCalendarIds": [], "results": [], "batches": 0,
-    }
-    for summary in summaries:
-        if not summary:
-            continue
-        total["batches"] += 1
-        for key in ("totalCalendars", "successCount", "errorCount", "skippedCount",
-                    "eventsAdded", "eventsUpdated", "eventsDeleted"):
-            total[key] += summary[key]
-        total["changedCalendarIds"] += summary["changedCalendarIds"]
-        total["results"] += summary["results"]
-    return total

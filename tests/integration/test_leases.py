@@ -1,0 +1,77 @@
+"""Leases against the real Redis: taken once, renewed while alive, taken over by the same owner's retry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from almanac.leases import LeaseKeeper, lease_key
+
+KEY = lease_key("test", 1)
+
+_DIE_HOLDING = """
+import os, signal, redis
+from almanac.leases import LeaseKeeper
+keeper = LeaseKeeper(redis.Redis.from_url(os.environ["ALMANAC_REDIS_URL"]), os.environ["OWNER"], ttl_s=1)
+assert keeper.acquire(os.environ["KEY"]).taken
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def die_holding(owner: str) -> None:
+    """A real process takes the lease and is killed with SIGKILL (no release, no more renewals)."""
+    done = subprocess.run([sys.executable, "-c", _DIE_HOLDING], env={**os.environ, "OWNER": owner, "KEY": KEY})
+    assert done.returncode == -9
+
+
+def test_another_owner_is_refused_until_the_holder_releases(redis_client):
+    with LeaseKeeper(redis_client, "dag/run/a/0") as a, LeaseKeeper(redis_client, "dag/run/b/0") as b:
+        with a.hold(KEY) as first:
+            assert first.taken
+            with b.hold(KEY) as second:
+                assert not second.taken
+            assert redis_client.exists(KEY)  # the refused one freed nothing
+        with b.hold(KEY) as again:
+            assert again.taken and not again.taken_over
+
+
+def test_a_retry_of_the_same_owner_takes_over_a_dead_tries_lease(redis_client):
+    die_holding("dag/run/task/7")
+    with LeaseKeeper(redis_client, "dag/run/task/7") as retry, retry.hold(KEY) as lease:
+        assert lease.taken and lease.taken_over
+    assert not redis_client.exists(KEY)
+
+
+def test_a_dead_holders_lease_expires_within_its_ttl(redis_client):
+    die_holding("dag/run/task/0")
+    assert 0 < redis_client.pttl(KEY) <= 1000
+    with LeaseKeeper(redis_client, "other/run/task/0") as other, other.hold(KEY) as lease:
+        assert not lease.taken
+    time.sleep(1.2)
+    with LeaseKeeper(redis_client, "other/run/task/0") as other, other.hold(KEY) as lease:
+        assert lease.taken
+
+
+def test_a_live_holder_keeps_its_lease_past_the_ttl(redis_client):
+    with LeaseKeeper(redis_client, "dag/run/task/0", ttl_s=1) as keeper, keeper.hold(KEY) as lease:
+        time.sleep(2.5)  # renewed every third of a second
+        assert redis_client.exists(KEY) and not lease.lost
+        with LeaseKeeper(redis_client, "other/run/task/0") as other, other.hold(KEY) as theirs:
+            assert not theirs.taken
+
+
+def test_a_lease_that_vanished_from_redis_is_taken_again(redis_client):
+    with LeaseKeeper(redis_client, "dag/run/task/0", ttl_s=1) as keeper, keeper.hold(KEY) as lease:
+        redis_client.delete(KEY)  # a Redis restart without persistence
+        keeper.renew_all()
+        assert redis_client.get(KEY).decode() == lease.value and not lease.lost
+
+
+def test_a_lease_taken_by_someone_else_meanwhile_is_marked_lost(redis_client):
+    with LeaseKeeper(redis_client, "dag/run/task/0", ttl_s=1) as keeper, keeper.hold(KEY) as lease:
+        redis_client.set(KEY, "other/run/task/0|x")
+        keeper.renew_all()
+        assert lease.lost
+    assert redis_client.get(KEY) == b"other/run/task/0|x"  # never freed someone else's lease

@@ -72,6 +72,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from almanac_airflow.assets import ICS_CALENDARS_CHANGED
+from almanac_airflow.batches import mapped_batches
 from almanac_airflow.defaults import default_args
 from almanac_airflow.google_push import mark_pushed, plan_push, push_work
 
@@ -117,12 +118,9 @@ def google_calendar_push():
 
         return mark_pushed(get_current_context())
 
-    from almanac.google.calendar_push import PUSH_KIND
-    from almanac_airflow.batches import mapped_batches
-
     total = mapped_batches(
         plan_batches(),
-        kind=PUSH_KIND,
+        kind="almanac.google.calendar_push:PUSH_KIND",
         work=push_work,
         failure_percent=lambda settings: settings.google_batch_failure_percent,
         task_id="push_batch",

@@ -9,7 +9,8 @@ A per-entity job is a planner task plus a per-item domain function::
             ids = ...                                   # who is due (domain query)
             return plan_batches_of(ids, noun="members", ...)   # almanac.batches.plan_batches
 
-        mapped_batches(plan_batches(), kind=MY_KIND, work=my_work, task_id="work_batch")
+        mapped_batches(plan_batches(), kind="almanac.my_job:MY_KIND", work="almanac_airflow.my_job:work",
+                       failure_percent=lambda settings: settings.my_job_failure_percent)
 
 ``work(batch, context)`` returns one ``almanac.batches.ItemResult`` per item and never raises
 for an item's own fault. Wiring:
@@ -115,11 +116,30 @@ def announced_ids(kind: Kind, context, *, work_task_id: str) -> list[int]:
     return sorted({i for s in _pulled_summaries(context["ti"], work_task_id) for i in s.get(kind.changed_key, [])})
 
 
+def _resolve_kind(kind: Kind | str) -> Kind:
+    """A ``Kind``, or ``"module.path:NAME"`` imported when a task runs (keeps DAG parsing light)."""
+    if isinstance(kind, Kind):
+        return kind
+    import importlib
+
+    module, _, name = kind.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _resolve_work(work: Callable | str) -> Callable:
+    if callable(work):
+        return work
+    import importlib
+
+    module, _, name = work.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def mapped_batches(
     plan,
     *,
-    kind: Kind,
-    work: Callable[[dict, Any], list[ItemResult]],
+    kind: Kind | str,
+    work: Callable[[dict, Any], list[ItemResult]] | str,
     failure_percent: Callable[[Any], int],
     task_id: str = "work_batch",
     announce=None,
@@ -130,8 +150,11 @@ def mapped_batches(
 
     Parameters:
         plan: the planner's XComArg (a list of batch dicts with ``label``).
-        kind: names of the job's items (``almanac.batches.Kind``).
-        work: ``(batch, context) -> list[ItemResult]``; runs inside the mapped task.
+        kind: names of the job's items (``almanac.batches.Kind``), or its import path
+            ``"almanac.x.y:KIND"``, imported only when a task runs (domain modules may import
+            database drivers; DAG files must not).
+        work: ``(batch, context) -> list[ItemResult]``, or its import path; runs inside the
+            mapped task.
         failure_percent: ``settings -> int``, the batch failure threshold.
         task_id: the mapped task's id (``sync_batch``, ``push_batch`` ...).
         announce: an Asset to emit naming the changed ids (``kind.changed_key`` needed).
@@ -151,11 +174,13 @@ def mapped_batches(
         context = get_current_context()
         context["batch_label"] = batch.get("label", "")
         threshold = failure_percent(load_settings())
-        return run_batch(kind, batch, context, work, failure_percent=threshold)
+        return run_batch(_resolve_kind(kind), batch, context, _resolve_work(work), failure_percent=threshold)
 
     @task(trigger_rule="all_done")
     def summarize() -> dict:
-        return summarize_run(kind, get_current_context(), plan_task_id=plan_task_id, work_task_id=task_id)
+        return summarize_run(
+            _resolve_kind(kind), get_current_context(), plan_task_id=plan_task_id, work_task_id=task_id
+        )
 
     batches = work_batch.expand(batch=plan)
     total = summarize()
@@ -164,11 +189,11 @@ def mapped_batches(
         key = announce_key or "calendar_ids"
 
         @task(task_id="announce_changes", outlets=[announce], trigger_rule="all_done")
-            def announce_changes() -> list[int]:
+        def announce_changes() -> list[int]:
             from airflow.sdk.exceptions import AirflowSkipException
 
             context = get_current_context()
-            changed = announced_ids(kind, context, work_task_id=task_id)
+            changed = announced_ids(_resolve_kind(kind), context, work_task_id=task_id)
             if not changed:
                 raise AirflowSkipException("nothing changed: no asset event")
             context["outlet_events"][announce].extra = {key: changed}

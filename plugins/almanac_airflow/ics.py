@@ -44,13 +44,12 @@ def sync_work(batch: dict, context) -> list[ItemResult]:
 def sync_pipeline(plan):
     """``sync_batch`` mapped over ``plan``, then ``summarize`` and ``announce_changes``
     (emits ``almanac://ics/calendars-changed``). Call inside a ``@dag``."""
-    from almanac.ics.sync import ICS_KIND
     from almanac_airflow.assets import ICS_CALENDARS_CHANGED
     from almanac_airflow.batches import mapped_batches
 
     return mapped_batches(
         plan,
-        kind=ICS_KIND,
+        kind="almanac.ics.sync:ICS_KIND",
         work=sync_work,
         failure_percent=lambda settings: settings.ics_batch_failure_percent,
         task_id="sync_batch",

@@ -7,15 +7,24 @@ No mock of the job's own side effects: the Google client library talks HTTP to
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from almanac.batches import ItemResult, summarize_batch
 from almanac.google.accounts import connect_account
-from almanac.google.calendar_push import member_ids_to_push, push_batch
-from almanac.google.client import OAuthClient, RetryPolicy
+from almanac.google.calendar_push import (
+    PUSH_KIND,
+    clear_pushed,
+    member_ids_to_push,
+    pending_pushes,
+    push_batch,
+)
+from almanac.google.client import OAuthClient
 from almanac.google.crypto import TokenCipher, generate_key
 from almanac.google.mapping import google_event_id
+from almanac.retry import RetryPolicy
+from almanac.timeconv import all_day_instant
 from tests.support.fake_google import FakeGoogle
 
 UTC = UTC
@@ -44,7 +53,9 @@ def oauth(google) -> OAuthClient:
 @pytest.fixture
 def gdb(db):
     """The app DB, empty, with the Google tables emptied too (they are not in APP_TABLES)."""
-    db.execute("TRUNCATE google_event_links, google_accounts CASCADE")
+    db.execute(
+        "TRUNCATE google_push_rejections, google_event_links, google_accounts, calendar_push_pending CASCADE"
+    )
     db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
     for user_id, name in [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")]:
         db.execute(
@@ -60,7 +71,8 @@ def gdb(db):
         db.execute(
             "INSERT INTO calendar_members (calendar_id, user_id) VALUES (%s, %s)", (calendar_id, user_id)
         )
-    # FAMILY: a weekly series (2 instances) and an all-day event; WORK: one meeting
+    # FAMILY: a weekly series (2 instances) and an all-day event; WORK: one meeting.
+    # An all-day date is stored as 00:00 UTC of that date, end exclusive (almanac.timeconv).
     _event(db, FAMILY, "swim@x", "20260310T090000Z", "Swimming", T0)
     _event(db, FAMILY, "swim@x", "20260317T090000Z", "Swimming", T0 + timedelta(days=7))
     _event(
@@ -69,9 +81,9 @@ def gdb(db):
         "bday@x",
         "",
         "Birthday",
-        datetime(2026, 3, 11, 23, 0, tzinfo=UTC),
+        all_day_instant(date(2026, 3, 12)),
         all_day=True,
-        ends=datetime(2026, 3, 12, 23, 0, tzinfo=UTC),
+        ends=all_day_instant(date(2026, 3, 13)),
     )
     _event(db, WORK, "standup@x", "", "Standup", T0 + timedelta(hours=1))
     db.commit()
@@ -105,15 +117,16 @@ def connected(gdb, google, cipher) -> dict[int, str]:
     """Alice and Bob connected Google; returns their refresh tokens (as Google issued them)."""
     tokens = {ALICE: google.grant("alice"), BOB: google.grant("bob")}
     for user_id, token in tokens.items():
-        connect_account(gdb, cipher, user_id, token)
+        owner = "alice" if user_id == ALICE else "bob"
+        connect_account(gdb, cipher, user_id, token, account_subject=f"sub-{owner}")
     gdb.commit()
     return tokens
 
 
-def _push(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4) -> dict:
+def _push_results(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4) -> list[ItemResult]:
     waits = [] if sleep is None else sleep
     users = member_ids_to_push(db, calendar_ids)
-    result = push_batch(
+    return push_batch(
         db,
         users,
         calendar_ids=calendar_ids,
@@ -122,7 +135,10 @@ def _push(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4) -> di
         policy=RetryPolicy(attempts=attempts, max_wait_s=30),
         sleep=waits.append,
     )
-    return result.summary()
+
+
+def _push(db, cipher, oauth, **kwargs) -> dict:
+    return summarize_batch(PUSH_KIND, _push_results(db, cipher, oauth, **kwargs))
 
 
 def _by_user(summary: dict) -> dict[int, dict]:
@@ -376,6 +392,336 @@ def test_a_member_whose_calls_keep_failing_is_an_error_and_the_others_are_pushed
     # the next run converges
     again = _push(gdb, cipher, oauth)
     assert again["errorCount"] == 0 and len(google.live_events("alice")) == 4
+
+
+def test_a_member_whose_calls_keep_failing_is_a_retryable_member_error(gdb, connected, google, cipher, oauth):
+    google.fail_next(2, 503)
+
+    results = {r.item_id: r for r in _push_results(gdb, cipher, oauth, attempts=2)}
+
+    assert results[ALICE].status == "error" and results[ALICE].permanent is False
+    assert _rejections(gdb) == []  # about the member, not an event
+
+
+# --- one event Google refuses --------------------------------------------------------------
+
+
+def _rejections(db, user_id=None) -> list[dict]:
+    from psycopg.rows import dict_row
+
+    db.commit()
+    with db.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT user_id, calendar_id, uid, recurrence_id, content_hash, operation, status, reason "
+            "FROM google_push_rejections WHERE %(u)s::bigint IS NULL OR user_id = %(u)s "
+            "ORDER BY user_id, calendar_id, uid, recurrence_id",
+            {"u": user_id},
+        )
+        return cur.fetchall()
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(400, "invalid"), (403, "forbiddenForNonOrganizer"), (412, "conditionNotMet"), (400, "timeRangeEmpty")],
+)
+def test_an_event_google_refuses_is_recorded_and_the_members_other_events_are_pushed(
+    gdb, connected, google, cipher, oauth, status, reason
+):
+    google.reject(status, reason, "The event was refused.", summary="Birthday", owner="bob")
+
+    summary = _push(gdb, cipher, oauth)
+
+    bob = _by_user(summary)[BOB]
+    assert bob["status"] == "updated" and bob["error"] is None
+    assert (bob["eventsCreated"], bob["eventsRejected"]) == (2, 1)
+    assert summary["eventsRejected"] == 1 and summary["errorCount"] == 0
+    assert bob["rejections"] == [
+        {
+            "calendarId": FAMILY,
+            "uid": "bday@x",
+            "recurrenceId": "",
+            "operation": "insert",
+            "status": status,
+            "reason": f"{status} {reason}: The event was refused.",
+        }
+    ]
+    assert _summaries(google, "bob") == ["Swimming", "Swimming"]
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]  # hers was accepted
+    [row] = _rejections(gdb)
+    assert (row["user_id"], row["uid"], row["status"], row["operation"]) == (BOB, "bday@x", status, "insert")
+    assert row["content_hash"] == "h:bday@x::Birthday:1" and reason in row["reason"]
+
+
+def test_a_refused_event_is_not_sent_again_until_its_content_changes(gdb, connected, google, cipher, oauth):
+    google.reject(400, "invalid", "Invalid start time.", summary="Birthday")
+    _push(gdb, cipher, oauth)
+    sent = len(google.calls(*STATE_CHANGING))
+
+    again = _push(gdb, cipher, oauth)
+
+    assert len(google.calls(*STATE_CHANGING)) == sent  # the same content is not re-sent every run
+    assert again["eventsRejected"] == 0 and again["errorCount"] == 0 and again["results"] == []
+    assert len(_rejections(gdb)) == 2
+
+    # new content: tried again (and refused again, recorded with the new hash)
+    _event(gdb, FAMILY, "bday@x", "", "Birthday", all_day_instant(date(2026, 3, 12)), all_day=True, version=2)
+    gdb.commit()
+    third = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+    assert third["eventsRejected"] == 2 and len(google.rejected) == 4
+    assert {r["content_hash"] for r in _rejections(gdb)} == {"h:bday@x::Birthday:2"}
+
+    # Google accepts it now, and an operator clears Bob's row: pushed, and the row goes
+    google.clear_rejections()
+    gdb.execute("DELETE FROM google_push_rejections WHERE user_id = %s", (BOB,))
+    gdb.commit()
+    fourth = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+    assert _by_user(fourth)[BOB]["eventsCreated"] == 1 and "Birthday" in _summaries(google, "bob")
+    assert [r["user_id"] for r in _rejections(gdb)] == [ALICE]  # Alice's still holds (same content)
+    assert "Birthday" not in _summaries(google, "alice")
+
+    # once the content changes again, Alice's goes through and her row is removed
+    _event(
+        gdb, FAMILY, "bday@x", "", "Birthday!", all_day_instant(date(2026, 3, 12)), all_day=True, version=3
+    )
+    gdb.commit()
+    fifth = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+    assert (fifth["eventsCreated"], fifth["eventsUpdated"], fifth["eventsRejected"]) == (1, 1, 0)
+    assert _rejections(gdb) == [] and _links(gdb) == 7
+
+
+def test_a_rejection_goes_once_the_event_is_no_longer_desired(gdb, connected, google, cipher, oauth):
+    google.reject(400, "invalid", summary="Birthday")
+    _push(gdb, cipher, oauth)
+    assert len(_rejections(gdb)) == 2
+    gdb.execute("DELETE FROM events WHERE uid = 'bday@x'")
+    gdb.commit()
+    sent = len(google.calls(*STATE_CHANGING))
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    assert _rejections(gdb) == [] and summary["errorCount"] == 0
+    assert len(google.calls(*STATE_CHANGING)) == sent  # nothing to delete on Google: it never got there
+
+
+def test_a_refused_patch_is_recorded_and_not_repeated(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    standup = google_event_id(ALICE, WORK, "standup@x", "")
+    google.reject(403, "forbiddenForNonOrganizer", "Not the organizer.", event_id=standup, methods=("PATCH",))
+    _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=2), version=2)
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    again = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert summary["eventsRejected"] == 1 and summary["errorCount"] == 0
+    assert again["eventsRejected"] == 0 and len(google.rejected) == 1
+    [row] = _rejections(gdb)
+    assert (row["operation"], row["status"]) == ("patch", 403)
+    stored = gdb.execute("SELECT content_hash FROM google_event_links WHERE uid = 'standup@x'").fetchone()[0]
+    assert stored == "h:standup@x::Standup:1"  # the link still says what Google has
+
+
+def test_a_409_whose_patch_fails_is_a_rejection_of_that_event(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    gdb.execute("DELETE FROM google_event_links WHERE user_id = %s", (BOB,))  # a crash lost Bob's links
+    gdb.commit()
+    bday = google_event_id(BOB, FAMILY, "bday@x", "")
+    google.reject(400, "invalid", "Bad patch.", event_id=bday, methods=("PATCH",))
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    bob = _by_user(summary)[BOB]
+    assert (bob["status"], bob["eventsCreated"], bob["eventsRejected"]) == ("updated", 2, 1)
+    assert bob["rejections"][0]["operation"] == "patch"
+    assert len(google.live_events("bob")) == 3  # no duplicate either way
+    assert _links(gdb, BOB) == 2
+
+
+def test_a_refused_delete_keeps_the_link_and_is_not_repeated(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    standup = google_event_id(ALICE, WORK, "standup@x", "")
+    google.reject(403, "forbiddenForNonOrganizer", event_id=standup, methods=("DELETE",))
+    gdb.execute("DELETE FROM events WHERE uid = 'standup@x'")
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    again = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert (summary["eventsDeleted"], summary["eventsRejected"]) == (0, 1)
+    assert again["eventsRejected"] == 0 and len(google.calls("DELETE")) == 1
+    assert [r["operation"] for r in _rejections(gdb)] == ["delete"]
+    assert _links(gdb, ALICE) == 4
+
+    google.clear_rejections()
+    gdb.execute("DELETE FROM google_push_rejections")
+    gdb.commit()
+    third = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    assert (
+        third["eventsDeleted"] == 1
+        and _links(gdb, ALICE) == 3
+        and "Standup" not in _summaries(google, "alice")
+    )
+
+
+def test_a_missing_target_calendar_is_an_error_of_the_member_not_of_its_events(
+    gdb, connected, google, cipher, oauth
+):
+    google.remove_calendar("bob")
+
+    results = {r.item_id: r for r in _push_results(gdb, cipher, oauth)}
+
+    assert results[BOB].status == "error" and results[BOB].permanent is True
+    assert "404" in results[BOB].error
+    assert results[ALICE].status == "updated" and len(google.live_events("alice")) == 4
+    assert _rejections(gdb) == [] and _links(gdb, BOB) == 0
+    error = gdb.execute("SELECT last_error FROM google_accounts WHERE user_id = %s", (BOB,)).fetchone()[0]
+    assert "GoogleApiError" in error and "404" in error
+
+
+def test_a_401_after_the_refresh_is_an_error_of_the_member(gdb, connected, google, cipher, oauth):
+    google.reject(401, "authError", "Invalid Credentials", summary="Birthday", owner="bob")
+
+    results = {r.item_id: r for r in _push_results(gdb, cipher, oauth, calendar_ids=[FAMILY])}
+
+    assert results[BOB].status == "error" and results[BOB].permanent is True and "401" in results[BOB].error
+    assert _rejections(gdb) == []
+    assert results[ALICE].status == "updated"
+
+
+def test_a_token_that_cannot_be_decrypted_is_a_permanent_member_error(gdb, connected, google, oauth):
+    results = {r.item_id: r for r in _push_results(gdb, TokenCipher(generate_key()), oauth)}
+
+    assert {r.status for r in results.values()} == {"error"}
+    assert all(r.permanent for r in results.values())
+    assert "TokenDecryptError" in results[ALICE].error
+    summary = summarize_batch(PUSH_KIND, list(results.values()))
+    assert summary["permanentOnly"] and summary["batchFailed"]
+    assert google.calls(*STATE_CHANGING) == []
+
+
+# --- the account a link was pushed to ---------------------------------------------------
+
+
+def _connect(db, cipher, user_id, token, subject) -> None:
+    connect_account(db, cipher, user_id, token, account_subject=subject)
+    db.commit()
+
+
+def test_reconnecting_another_google_account_pushes_everything_to_the_new_account(
+    gdb, connected, google, cipher, oauth
+):
+    _push(gdb, cipher, oauth)
+    assert len(google.live_events("alice")) == 4
+
+    # Alice connects her other Google account; the next run is scoped to FAMILY only
+    _connect(gdb, cipher, ALICE, google.grant("alice-work"), "sub-alice-work")
+    summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    assert _by_user(summary)[ALICE]["eventsCreated"] == 4  # WORK too: nothing was in that account
+    assert _summaries(google, "alice-work") == ["Birthday", "Standup", "Swimming", "Swimming"]
+    subjects = gdb.execute(
+        "SELECT DISTINCT account_subject FROM google_event_links WHERE user_id = %s", (ALICE,)
+    ).fetchall()
+    assert subjects == [("sub-alice-work",)] and _links(gdb, ALICE) == 4
+
+    # back to the first account: its copies are found again (409 -> patch), never duplicated
+    _connect(gdb, cipher, ALICE, google.grant("alice"), "sub-alice")
+    back = _push(gdb, cipher, oauth)
+    assert _by_user(back)[ALICE]["eventsCreated"] == 4 and back["errorCount"] == 0
+    assert len(google.live_events("alice")) == 4 and len(google.live_events("alice-work")) == 4
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
+    assert _push(gdb, cipher, oauth)["results"] == []
+
+
+def test_reconnecting_the_same_account_keeps_its_links(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    sent = len(google.calls(*STATE_CHANGING))
+
+    _connect(gdb, cipher, ALICE, google.grant("alice"), "sub-alice")  # a new grant, same account
+    again = _push(gdb, cipher, oauth)
+
+    assert len(google.calls(*STATE_CHANGING)) == sent and again["results"] == []
+    assert _links(gdb, ALICE) == 4
+
+
+def test_rejections_of_another_account_are_forgotten(gdb, connected, google, cipher, oauth):
+    google.reject(400, "invalid", summary="Birthday", owner="alice")
+    _push(gdb, cipher, oauth)
+    assert [r["user_id"] for r in _rejections(gdb)] == [ALICE]
+
+    _connect(gdb, cipher, ALICE, google.grant("alice-work"), "sub-alice-work")
+    _push(gdb, cipher, oauth)
+
+    assert "Birthday" in _summaries(google, "alice-work") and _rejections(gdb) == []
+
+
+# --- time ------------------------------------------------------------------------------
+
+
+def test_the_database_session_time_zone_does_not_move_all_day_events(gdb, connected, google, cipher, oauth):
+    """timestamptz comes back in the session's zone; the all-day date is read in UTC regardless."""
+    gdb.execute("SET TIME ZONE 'Pacific/Honolulu'")
+
+    _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
+
+    bday = google.live_events("alice")[google_event_id(ALICE, FAMILY, "bday@x", "")]
+    assert bday["start"] == {"date": "2026-03-12"} and bday["end"] == {"date": "2026-03-13"}
+
+
+# --- pending pushes ------------------------------------------------------------------------
+
+
+def _pending(db, rows: dict[int, int]) -> None:
+    for calendar_id, generation in rows.items():
+        db.execute(
+            "INSERT INTO calendar_push_pending (calendar_id, generation) VALUES (%s, %s) "
+            "ON CONFLICT (calendar_id) DO UPDATE SET generation = EXCLUDED.generation",
+            (calendar_id, generation),
+        )
+    db.commit()
+
+
+def _pending_rows(db) -> dict[int, int]:
+    db.commit()
+    return dict(db.execute("SELECT calendar_id, generation FROM calendar_push_pending").fetchall())
+
+
+def test_pending_pushes_reads_every_calendars_generation(gdb):
+    assert pending_pushes(gdb) == {}
+    _pending(gdb, {FAMILY: 3, WORK: 1, 99: 7})
+
+    assert pending_pushes(gdb) == {FAMILY: 3, WORK: 1, 99: 7}
+
+
+def test_clear_pushed_keeps_a_change_stored_after_the_snapshot(gdb):
+    _pending(gdb, {FAMILY: 3, WORK: 1, 99: 7})
+    snapshot = pending_pushes(gdb)
+    _pending(gdb, {WORK: 2})  # ics_sync stored another change to WORK meanwhile
+
+    cleared = clear_pushed(gdb, snapshot, [])
+    gdb.commit()
+
+    assert cleared == 2
+    assert _pending_rows(gdb) == {WORK: 2}
+
+
+def test_clear_pushed_keeps_the_calendars_of_failed_members(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)  # Bob has links into FAMILY
+    gdb.execute("DELETE FROM calendar_members WHERE user_id = %s", (BOB,))  # ... and left it
+    _pending(gdb, {FAMILY: 1, WORK: 1, 99: 1})
+    snapshot = pending_pushes(gdb)
+
+    assert clear_pushed(gdb, snapshot, [BOB]) == 2  # FAMILY stays: Bob has links into it
+    gdb.commit()
+    assert _pending_rows(gdb) == {FAMILY: 1}
+
+    _pending(gdb, {FAMILY: 1, WORK: 1})
+    assert clear_pushed(gdb, pending_pushes(gdb), [ALICE]) == 0  # Alice is a member of both
+    gdb.rollback()
+    assert clear_pushed(gdb, {}, []) == 0
+    assert clear_pushed(gdb, {FAMILY: 1, WORK: 1}, []) == 2
+    gdb.rollback()  # the caller commits: without it nothing is cleared
+    assert _pending_rows(gdb) == {FAMILY: 1, WORK: 1}
 
 
 # --- the DAG ---------------------------------------------------------------------------

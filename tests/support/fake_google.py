@@ -12,9 +12,15 @@ Under ``/calendar/v3/calendars/{calendarId}``:
 - ``GET    /events``            events.list (``pageToken``/``maxResults``, ``showDeleted``)
 
 API calls need ``Authorization: Bearer <access token>``; an unknown or expired token gets 401
-(so clients exercise their refresh path). ``fail_next`` makes the next N API calls answer 429
-(with ``Retry-After``) or 5xx. Events are kept per (token owner, calendar id) for assertions;
-every request is logged in ``requests`` as ``(method, path, owner)`` (no tokens).
+(so clients exercise their refresh path). Each token belongs to an *owner* — one Google
+account (its ``sub``): ``grant("alice")`` and ``grant("alice-work")`` are two accounts, with
+separate calendars, even when one Almanac user connects both in turn.
+
+Faults: ``fail_next`` makes the next N API calls answer 429 (with ``Retry-After``) or 5xx;
+``reject`` makes the calls about one event (by id or summary) answer a 4xx in Google's error
+shape until ``clear_rejections``; ``remove_calendar`` makes a calendar 404 (as when the user
+deleted it). Events are kept per (owner, calendar id) for assertions; every request is logged
+in ``requests`` as ``(method, path, owner)`` (no tokens).
 """
 
 from __future__ import annotations
@@ -105,6 +111,13 @@ class _Handler(BaseHTTPRequestHandler):
                 reason = "rateLimitExceeded" if status == 429 else "backendError"
                 return self._send(status, _error(status, reason, "injected fault"), headers)
             calendar, event_id = unquote(match["cal"]), match["event"] and unquote(match["event"])
+            if (owner, calendar) in fake.removed_calendars:
+                return self._send(404, _error(404, "notFound", "Not Found"))
+            refusal = fake._rejection_for(method, owner, calendar, event_id, body)
+            if refusal is not None:
+                status, reason, message = refusal
+                fake.rejected.append((method, url.path, owner))
+                return self._send(status, _error(status, reason, message))
             status, payload = fake._events_call(method, owner, calendar, event_id, body, parse_qs(url.query))
         return self._send(status, payload)
 
@@ -125,6 +138,9 @@ class FakeGoogle(ThreadingHTTPServer):
         self.access_tokens: dict[str, tuple[str, float]] = {}  # access token -> (owner, expires at)
         self.events: dict[tuple[str, str], dict[str, dict]] = {}  # (owner, calendar) -> id -> event
         self._faults: list[tuple[int, int | None]] = []
+        self._rejections: list[dict] = []
+        self.rejected: list[tuple[str, str, str | None]] = []  # requests answered by a rejection
+        self.removed_calendars: set[tuple[str, str]] = set()
         self._seq = 0
 
     # --- addresses ---------------------------------------------------------------
@@ -178,6 +194,43 @@ class FakeGoogle(ThreadingHTTPServer):
         with self.lock:
             self._faults += [(status, retry_after)] * count
 
+    def reject(
+        self,
+        status: int = 400,
+        reason: str = "invalid",
+        message: str = "Invalid value.",
+        *,
+        event_id: str | None = None,
+        summary: str | None = None,
+        owner: str | None = None,
+        methods: tuple[str, ...] = ("POST", "PATCH", "DELETE"),
+    ) -> None:
+        """Refuse every call about one event — the event ``event_id``, or whose (sent or stored)
+        summary is ``summary`` — with ``status`` and Google's error JSON, until ``clear_rejections``."""
+        if event_id is None and summary is None:
+            raise ValueError("reject needs an event_id or a summary")
+        with self.lock:
+            self._rejections.append(
+                {
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "event_id": event_id,
+                    "summary": summary,
+                    "owner": owner,
+                    "methods": methods,
+                }
+            )
+
+    def clear_rejections(self) -> None:
+        with self.lock:
+            self._rejections.clear()
+
+    def remove_calendar(self, owner: str, calendar: str = "primary") -> None:
+        """The user deleted that calendar (or the account cannot see it): every call answers 404."""
+        with self.lock:
+            self.removed_calendars.add((owner, calendar))
+
     def live_events(self, owner: str, calendar: str = "primary") -> dict[str, dict]:
         """Events of ``owner``'s calendar that are not deleted (status != cancelled)."""
         with self.lock:
@@ -218,6 +271,27 @@ class FakeGoogle(ThreadingHTTPServer):
             "token_type": "Bearer",
             "scope": "https://www.googleapis.com/auth/calendar.events",
         }
+
+    def _rejection_for(
+        self, method, owner, calendar, event_id, body
+    ) -> tuple[int, str, str] | None:  # under lock
+        if not self._rejections:
+            return None
+        try:
+            sent = json.loads(body) if body else {}
+        except ValueError:
+            sent = {}
+        target = event_id or sent.get("id")
+        stored = self.events.get((owner, calendar), {}).get(target or "", {})
+        summaries = {sent.get("summary"), stored.get("summary")} - {None}
+        for rule in self._rejections:
+            if method not in rule["methods"] or rule["owner"] not in (None, owner):
+                continue
+            if (rule["event_id"] is not None and rule["event_id"] == target) or (
+                rule["summary"] is not None and rule["summary"] in summaries
+            ):
+                return rule["status"], rule["reason"], rule["message"]
+        return None
 
     def _owner_of(self, token: str) -> str | None:  # under lock
         found = self.access_tokens.get(token)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from psycopg.rows import class_row
+
 from almanac.google.crypto import TokenCipher
 
 __all__ = [
@@ -19,7 +21,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GoogleAccount:
-    """A connected account with its tokens still encrypted (decrypt only where they are used)."""
+    """A connected account with its tokens still encrypted (decrypt only where they are used).
+
+    ``account_subject`` is Google's id of the account (OpenID ``sub``); None for legacy rows.
+    """
 
     user_id: int
     status: str
@@ -27,47 +32,66 @@ class GoogleAccount:
     refresh_token_enc: str = field(repr=False)
     access_token_enc: str | None = field(repr=False, default=None)
     access_token_expires_at: datetime | None = None
+    account_subject: str | None = None
 
 
 def connect_account(
-    conn, cipher: TokenCipher, user_id: int, refresh_token: str, *, target_calendar_id: str = "primary"
+    conn,
+    cipher: TokenCipher,
+    user_id: int,
+    refresh_token: str,
+    *,
+    target_calendar_id: str = "primary",
+    account_subject: str | None = None,
 ) -> None:
     """Store (or replace) a user's Google grant, as the product does after the OAuth consent.
+
+    Parameters:
+        account_subject: Google's id of the account granted (the ID token's ``sub``). Links
+            pushed under another subject are another account's: the next push drops them
+            and creates every event in this account. Reconnecting the same subject keeps
+            them. None (unknown) counts as a subject of its own, so pass it whenever known.
 
     A reconnect makes a revoked account active again and forgets the old access token.
     The caller commits.
     """
     conn.execute(
         """
-        INSERT INTO google_accounts (user_id, refresh_token_enc, target_calendar_id)
-        VALUES (%s, %s, %s)
+        INSERT INTO google_accounts (user_id, refresh_token_enc, target_calendar_id, account_subject)
+        VALUES (%s, %s, %s, %s)
         ON CONFLICT (user_id) DO UPDATE
            SET refresh_token_enc = EXCLUDED.refresh_token_enc,
                target_calendar_id = EXCLUDED.target_calendar_id,
+               account_subject = EXCLUDED.account_subject,
                access_token_enc = NULL, access_token_expires_at = NULL,
                status = 'active', last_error = NULL, updated_at = now()
         """,
-        (user_id, cipher.encrypt(refresh_token), target_calendar_id),
+        (user_id, cipher.encrypt(refresh_token), target_calendar_id, account_subject),
     )
 
 
 def load_accounts(conn, user_ids: list[int]) -> dict[int, GoogleAccount]:
-    rows = conn.execute(
-        """
-        SELECT user_id, status, target_calendar_id,
-               refresh_token_enc, access_token_enc, access_token_expires_at
-          FROM google_accounts
-         WHERE user_id = ANY(%s)
-        """,
-        (list(user_ids),),
-    ).fetchall()
-    return {row[0]: GoogleAccount(*row) for row in rows}
+    """The accounts of ``user_ids`` that exist, by user id (tokens still encrypted)."""
+    with conn.cursor(row_factory=class_row(GoogleAccount)) as cur:
+        cur.execute(
+            """
+            SELECT user_id, status, target_calendar_id, refresh_token_enc, access_token_enc,
+                   access_token_expires_at, account_subject
+              FROM google_accounts
+             WHERE user_id = ANY(%s)
+            """,
+            (list(user_ids),),
+        )
+        return {account.user_id: account for account in cur.fetchall()}
 
 
 def save_access_token(
     conn, cipher: TokenCipher, user_id: int, access_token: str, expires_at: datetime | None
 ) -> None:
-    """Keep a refreshed access token (encrypted) so the next run need not refresh again."""
+    """Keep a refreshed access token (encrypted) so the next run need not refresh again.
+
+    The caller commits.
+    """
     conn.execute(
         """
         UPDATE google_accounts
@@ -79,7 +103,7 @@ def save_access_token(
 
 
 def mark_revoked(conn, user_id: int, reason: str) -> None:
-    """Google refused the grant: stop using it until the user reconnects."""
+    """Google refused the grant: stop using it until the user reconnects. The caller commits."""
     conn.execute(
         """
         UPDATE google_accounts
@@ -92,7 +116,7 @@ def mark_revoked(conn, user_id: int, reason: str) -> None:
 
 
 def record_push(conn, user_id: int, error: str | None) -> None:
-    """The outcome of a push for this account: ``last_error`` NULL on success."""
+    """The outcome of a push for this account: ``last_error`` NULL on success. The caller commits."""
     if error is None:
         conn.execute(
             "UPDATE google_accounts SET last_push_at = now(), last_error = NULL, updated_at = now() "

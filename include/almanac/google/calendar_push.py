@@ -1,8 +1,8 @@
 """google_calendar_push: reconcile each connected member's Google Calendar with their calendars' events.
 
 Desired state, per member: every instance in ``events`` of the calendars they are a member of
-(in the run's scope), except cancelled ones. Pushed state: their ``google_event_links``.
-The difference is the work — and nothing else:
+(in the run's scope), except cancelled ones. Pushed state: their ``google_event_links`` made
+under the account's current ``account_subject``. The difference is the work — and nothing else:
 
 - desired, no link (or a link into another Google calendar than the target) -> ``events.insert``
   with an id derived from ``(user, calendar, uid, recurrence_id)``; a 409 (already there, e.g.
@@ -13,6 +13,23 @@ The difference is the work — and nothing else:
 
 A link is written right after its Google call succeeds, so a rerun — or a run after a
 partial failure, or a backfill — converges without duplicates and repeats no call.
+
+Accounts: links pushed under another ``account_subject`` belong to a Google account we can no
+longer reach (the user connected a different one): they are dropped, and that member is
+reconciled over all their calendars, so everything is created in the new account. The
+event ids are deterministic, so reconnecting an account that still has copies finds them
+(409 -> patch) instead of duplicating them.
+
+Isolation: an error about one event (Google refuses it for good: 400, a 403 that is not a rate
+limit or an access problem, 412, a 409 whose patch fails...) is recorded in
+``google_push_rejections`` with Google's status and reason, and the member's other events
+are still pushed. The same content is not sent again until its ``content_hash``, the target
+calendar or the account changes, or an operator deletes the row. Errors about the member
+(401 after a refresh, the target calendar missing, retries exhausted, a token that cannot
+be decrypted) end that member's push with an ``error`` result.
+
+Pending pushes: ``calendar_push_pending`` holds the calendars ics_sync changed; a run reads
+the generations (``pending_pushes``) and clears what it pushed (``clear_pushed``).
 """
 
 from __future__ import annotations
@@ -20,85 +37,43 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from psycopg.rows import class_row, dict_row
+
+from almanac.batches import ItemResult, Kind
 from almanac.errors import PermanentError, RetryableError
 from almanac.google.accounts import GoogleAccount, load_accounts, mark_revoked, record_push, save_access_token
 from almanac.google.client import (
+    DEFAULT_POLICY,
     CalendarClient,
     GoogleApiError,
     GoogleGrantRevokedError,
     OAuthClient,
-    RetryPolicy,
 )
 from almanac.google.crypto import TokenCipher
 from almanac.google.mapping import EventRow, event_body, google_event_id
+from almanac.retry import RetryPolicy
 
 __all__ = [
-    "MemberResult",
-    "PushBatchResult",
-    "combine_summaries",
+    "PUSH_KIND",
+    "clear_pushed",
     "member_ids_to_push",
-    "plan_member_batches",
+    "pending_pushes",
     "push_batch",
 ]
 
 log = logging.getLogger(__name__)
 
+#: The job's items in summaries (``almanac.batches.summarize_batch`` / ``combine_summaries``).
+PUSH_KIND = Kind("Members", "userId", ("eventsCreated", "eventsUpdated", "eventsDeleted", "eventsRejected"))
+
 _COMMIT_EVERY = 50  # link rows per commit: a crash loses at most this many (and ids make that safe)
+_DETAIL_REJECTIONS = 5  # rejections listed in a member's result (all are in google_push_rejections)
+# 403 reasons about the account or its calendar, not the event: every other event would fail alike.
+_MEMBER_403_REASONS = frozenset({"requiredAccessLevel", "quotaExceeded", "dailyLimitExceeded"})
 
 Key = tuple[int, str, str]  # (calendar_id, uid, recurrence_id)
-
-
-@dataclass
-class MemberResult:
-    userId: int  # noqa: N815 (the spec's result shape)
-    status: str  # updated | unchanged | skipped | error
-    eventsCreated: int = 0  # noqa: N815
-    eventsUpdated: int = 0  # noqa: N815
-    eventsDeleted: int = 0  # noqa: N815
-    error: str | None = None
-
-
-@dataclass
-class PushBatchResult:
-    results: list[MemberResult] = field(default_factory=list)
-
-    def summary(self, *, keep_unchanged: bool = False) -> dict:
-        """The job's result shape; unchanged members are counted, not listed unless asked."""
-        listed = [r for r in self.results if keep_unchanged or r.status != "unchanged"]
-        return {
-            "totalMembers": len(self.results),
-            "successCount": sum(r.status in ("updated", "unchanged") for r in self.results),
-            "errorCount": sum(r.status == "error" for r in self.results),
-            "skippedCount": sum(r.status == "skipped" for r in self.results),
-            "eventsCreated": sum(r.eventsCreated for r in self.results),
-            "eventsUpdated": sum(r.eventsUpdated for r in self.results),
-            "eventsDeleted": sum(r.eventsDeleted for r in self.results),
-            "results": [asdict(r) for r in listed],
-        }
-
-
-def combine_summaries(summaries: Iterable[dict | None]) -> dict:
-    """One run's result from its batches' summaries (a batch that crashed may be missing)."""
-    keys = (
-        "totalMembers",
-        "successCount",
-        "errorCount",
-        "skippedCount",
-        "eventsCreated",
-        "eventsUpdated",
-        "eventsDeleted",
-    )
-    total: dict = {key: 0 for key in keys} | {"results": [], "batches": 0}
-    for summary in summaries:
-        if not summary:
-            continue
-        total["batches"] += 1
-        for key in keys:
-            total[key] += summary[key]
-        total["results"] += summary["results"]
-    return total
 
 
 # --- planning -------------------------------------------------------------------------
@@ -107,7 +82,7 @@ def combine_summaries(summaries: Iterable[dict | None]) -> dict:
 def member_ids_to_push(conn, calendar_ids: list[int] | None) -> list[int]:
     """Active Google accounts with something in scope: a membership of, or links into, one of
     ``calendar_ids`` (links too, so a member who left still gets their copies removed).
-    ``None``: every active account."""
+    ``None``: every active account. Commits (ends its read transaction)."""
     rows = conn.execute(
         """
         SELECT a.user_id
@@ -126,16 +101,42 @@ def member_ids_to_push(conn, calendar_ids: list[int] | None) -> list[int]:
     return [row[0] for row in rows]
 
 
-def plan_member_batches(user_ids: list[int], *, size: int = 100) -> list[dict]:
-    """Cut ``user_ids`` into batches of at most ``size`` members, each labelled for the UI.
+def pending_pushes(conn) -> dict[int, int]:
+    """The calendars changed since they were last pushed: ``{calendar_id: generation}``.
 
-    Returns:
-        ``[{"label": "members 3-90 (50)", "user_ids": [...]}, ...]``
+    Take it as the run's snapshot before pushing, and hand it to ``clear_pushed`` afterwards.
+    Runs in the caller's transaction.
     """
-    return [
-        {"label": f"members {chunk[0]}-{chunk[-1]} ({len(chunk)})", "user_ids": chunk}
-        for chunk in (user_ids[i : i + size] for i in range(0, len(user_ids), size))
-    ]
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT calendar_id, generation FROM calendar_push_pending ORDER BY calendar_id")
+        return {row["calendar_id"]: row["generation"] for row in cur.fetchall()}
+
+
+def clear_pushed(conn, snapshot: dict[int, int], failed_user_ids: Iterable[int]) -> int:
+    """Forget the pending pushes of ``snapshot`` that this run delivered; the number of rows deleted.
+
+    A row goes only if its generation is still <= the snapshot's (a change stored meanwhile
+    stays pending for the next run) and no failed user is a member of its calendar or has
+    links into it (their push must be tried again). Runs in the caller's transaction: the
+    caller commits.
+    """
+    if not snapshot:
+        return 0
+    ids = sorted(snapshot)
+    cur = conn.execute(
+        """
+        DELETE FROM calendar_push_pending p
+         USING unnest(%(ids)s::bigint[], %(gens)s::bigint[]) AS s(calendar_id, generation)
+         WHERE p.calendar_id = s.calendar_id
+           AND p.generation <= s.generation
+           AND NOT EXISTS (SELECT 1 FROM calendar_members m
+                            WHERE m.calendar_id = p.calendar_id AND m.user_id = ANY(%(failed)s::bigint[]))
+           AND NOT EXISTS (SELECT 1 FROM google_event_links l
+                            WHERE l.calendar_id = p.calendar_id AND l.user_id = ANY(%(failed)s::bigint[]))
+        """,
+        {"ids": ids, "gens": [snapshot[i] for i in ids], "failed": sorted(set(failed_user_ids))},
+    )
+    return cur.rowcount
 
 
 # --- pushing --------------------------------------------------------------------------
@@ -143,9 +144,37 @@ def plan_member_batches(user_ids: list[int], *, size: int = 100) -> list[dict]:
 
 @dataclass(frozen=True)
 class _Link:
+    calendar_id: int
+    uid: str
+    recurrence_id: str
     google_calendar_id: str
     google_event_id: str
     content_hash: str
+
+    @property
+    def key(self) -> Key:
+        return (self.calendar_id, self.uid, self.recurrence_id)
+
+
+@dataclass(frozen=True)
+class _Rejection:
+    calendar_id: int
+    uid: str
+    recurrence_id: str
+    content_hash: str
+    operation: str
+    google_calendar_id: str
+
+    @property
+    def key(self) -> Key:
+        return (self.calendar_id, self.uid, self.recurrence_id)
+
+    def holds(self, operation: str, content_hash: str, google_calendar_id: str) -> bool:
+        """Whether this refusal still stands for that call (same content, same calendar)."""
+        same_kind = (operation == "delete") == (self.operation == "delete")
+        return (
+            same_kind and self.content_hash == content_hash and self.google_calendar_id == google_calendar_id
+        )
 
 
 @dataclass
@@ -153,9 +182,40 @@ class _Work:
     creates: list[Key] = field(default_factory=list)
     updates: list[tuple[Key, _Link]] = field(default_factory=list)
     deletes: list[tuple[Key, _Link]] = field(default_factory=list)
+    held: int = 0  # calls not made: Google refused the same content before
 
     def __bool__(self) -> bool:
         return bool(self.creates or self.updates or self.deletes)
+
+
+@dataclass
+class _Tally:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PUSH_KIND.counters, 0))
+    rejections: list[dict] = field(default_factory=list)
+    held: int = 0
+
+    def result(
+        self, user_id: int, status: str, error: str | None = None, permanent: bool = False
+    ) -> ItemResult:
+        detail: dict = {}
+        if self.rejections:
+            detail["rejections"] = self.rejections[:_DETAIL_REJECTIONS]
+        if self.held:
+            detail["eventsHeld"] = self.held
+        return ItemResult(user_id, status, dict(self.counts), error, permanent, detail)
+
+    def line(self) -> str:
+        c = self.counts
+        return f"+{c['eventsCreated']} ~{c['eventsUpdated']} -{c['eventsDeleted']} !{c['eventsRejected']}"
+
+
+class _EventRefused(Exception):
+    """Google refused this one event for good (internal: becomes a rejection row)."""
+
+    def __init__(self, operation: str, error: GoogleApiError) -> None:
+        super().__init__(operation)
+        self.operation = operation
+        self.error = error
 
 
 ClientFactory = Callable[..., CalendarClient]
@@ -171,44 +231,55 @@ def push_batch(
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
     client_factory: ClientFactory = CalendarClient,
-) -> PushBatchResult:
+) -> list[ItemResult]:
     """Reconcile each member's Google Calendar; one member's failure never stops the others.
 
+    Commits: per member (its plan, then every ``_COMMIT_EVERY`` links or rejections written,
+    then its outcome), so a failure keeps the work already done.
+
     Parameters:
-        conn: psycopg connection to the application DB (committed as links are written).
+        conn: psycopg connection to the application DB.
         calendar_ids: the run's scope (the calendars that changed); ``None`` for all.
         cipher: decrypts and encrypts the stored tokens.
         oauth: the product's OAuth client and Google's endpoints.
+        policy: retries per Google call (``almanac.retry.RetryPolicy``).
         sleep: waits between retried calls (tests pass a recorder).
+    Returns:
+        One ``ItemResult`` per member (``PUSH_KIND``), in order: ``updated`` / ``unchanged``;
+        ``skipped`` (no account, revoked grant); ``error`` with ``permanent`` set when a retry
+        cannot help (undecryptable token, target calendar missing, 401). Counts
+        ``eventsCreated/Updated/Deleted/Rejected``; ``detail`` lists a few rejections.
     Raises:
         Only database faults; Google and token problems become per-member results.
     """
-    policy = policy or RetryPolicy()
+    policy = policy or DEFAULT_POLICY
     ids = list(dict.fromkeys(user_ids))
     accounts = load_accounts(conn, ids)
     conn.commit()
-    batch = PushBatchResult()
+    results: list[ItemResult] = []
     for user_id in ids:
         account = accounts.get(user_id)
         if account is None:
-            batch.results.append(MemberResult(user_id, "skipped", error="no Google account connected"))
+            results.append(ItemResult(user_id, "skipped", error="no Google account connected"))
         elif account.status != "active":
-            batch.results.append(MemberResult(user_id, "skipped", error=f"Google account {account.status}"))
+            results.append(ItemResult(user_id, "skipped", error=f"Google account {account.status}"))
         else:
-            batch.results.append(
+            results.append(
                 _push_member(conn, account, calendar_ids, cipher, oauth, policy, sleep, client_factory)
             )
-    return batch
+    return results
 
 
-def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_factory) -> MemberResult:
+def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_factory) -> ItemResult:
     user_id = account.user_id
-    result = MemberResult(user_id, "unchanged")
-    work = _plan(conn, user_id, account.target_calendar_id, scope)
+    tally = _Tally()
+    work = _plan(conn, account, scope)
     conn.commit()
+    tally.held = work.held
     if not work:
-        return result
+        return tally.result(user_id, "unchanged")
     client = None
+    status, error, permanent = "updated", None, False
     try:
         client = client_factory(
             oauth,
@@ -221,46 +292,49 @@ def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_fact
             sleep=sleep,
             user_id=user_id,
         )
-        _apply(conn, client, account, work, result)
+        _apply(conn, client, account, work, tally)
         record_push(conn, user_id, None)
-        result.status = "updated"
     except GoogleGrantRevokedError as exc:
         conn.commit()  # keep the links of the calls that did succeed
         mark_revoked(conn, user_id, f"{type(exc).__name__}: invalid_grant")
-        result.status, result.error = (
-            "skipped",
-            "Google access revoked (invalid_grant); account marked revoked",
-        )
+        status, error = "skipped", "Google access revoked (invalid_grant); account marked revoked"
         log.warning("user %s: Google grant revoked; account marked revoked and skipped", user_id)
     except (PermanentError, RetryableError) as exc:
         conn.commit()
-        message = f"{type(exc).__name__}: {exc}"
-        record_push(conn, user_id, message)
-        result.status, result.error = "error", message
-        log.warning(
-            "user %s: push failed after +%d ~%d -%d: %s",
-            user_id,
-            result.eventsCreated,
-            result.eventsUpdated,
-            result.eventsDeleted,
-            message,
-        )
-    if client is not None and client.refreshed and result.status != "skipped":
+        error = f"{type(exc).__name__}: {exc}"
+        record_push(conn, user_id, error)
+        status, permanent = "error", not isinstance(exc, RetryableError)
+        log.warning("user %s: push failed after %s: %s", user_id, tally.line(), error)
+    if client is not None and client.refreshed and status != "skipped":
         token, expiry = client.tokens
         if token:
             save_access_token(conn, cipher, user_id, token, expiry)
     conn.commit()
-    if result.status == "updated":
+    if status == "updated":
+        log.info("user %s: %s", user_id, tally.line())
+    return tally.result(user_id, status, error, permanent)
+
+
+def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
+    """The member's work; drops links and rejections of another Google account (caller commits)."""
+    user_id, target, subject = account.user_id, account.target_calendar_id, account.account_subject
+    foreign = conn.execute(
+        "DELETE FROM google_event_links WHERE user_id = %s AND account_subject IS DISTINCT FROM %s",
+        (user_id, subject),
+    ).rowcount
+    conn.execute(
+        "DELETE FROM google_push_rejections WHERE user_id = %s AND account_subject IS DISTINCT FROM %s",
+        (user_id, subject),
+    )
+    if foreign:
+        # Another Google account: nothing of this member's is there yet, whatever the run's scope.
         log.info(
-            "user %s: +%d ~%d -%d", user_id, result.eventsCreated, result.eventsUpdated, result.eventsDeleted
+            "user %s: Google account changed; %d old links dropped, pushing everything", user_id, foreign
         )
-    return result
-
-
-def _plan(conn, user_id: int, target: str, scope: list[int] | None) -> _Work:
-    desired = {
-        (cal, uid, rid): digest
-        for cal, uid, rid, digest in conn.execute(
+        scope = None
+    params = {"user": user_id, "scope": scope}
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
             """
             SELECT e.calendar_id, e.uid, e.recurrence_id, e.content_hash
               FROM calendar_members m
@@ -268,56 +342,100 @@ def _plan(conn, user_id: int, target: str, scope: list[int] | None) -> _Work:
              WHERE m.user_id = %(user)s AND e.status <> 'cancelled'
                AND (%(scope)s::bigint[] IS NULL OR m.calendar_id = ANY(%(scope)s::bigint[]))
             """,
-            {"user": user_id, "scope": scope},
+            params,
         )
-    }
-    links = {
-        (cal, uid, rid): _Link(gcal, gid, digest)
-        for cal, uid, rid, gcal, gid, digest in conn.execute(
+        desired = {
+            (r["calendar_id"], r["uid"], r["recurrence_id"]): r["content_hash"] for r in cur.fetchall()
+        }
+    with conn.cursor(row_factory=class_row(_Link)) as cur:
+        cur.execute(
             """
             SELECT calendar_id, uid, recurrence_id, google_calendar_id, google_event_id, content_hash
               FROM google_event_links
              WHERE user_id = %(user)s
                AND (%(scope)s::bigint[] IS NULL OR calendar_id = ANY(%(scope)s::bigint[]))
             """,
-            {"user": user_id, "scope": scope},
+            params,
         )
-    }
+        links = {link.key: link for link in cur.fetchall()}
+    with conn.cursor(row_factory=class_row(_Rejection)) as cur:
+        cur.execute(
+            """
+            SELECT calendar_id, uid, recurrence_id, content_hash, operation, google_calendar_id
+              FROM google_push_rejections
+             WHERE user_id = %(user)s
+               AND (%(scope)s::bigint[] IS NULL OR calendar_id = ANY(%(scope)s::bigint[]))
+            """,
+            params,
+        )
+        rejections = {r.key: r for r in cur.fetchall()}
+
     work = _Work()
+    keep: set[Key] = set()  # rejections that hold back a call, or that a call of this run settles
+
+    def held(key: Key, operation: str, content_hash: str, google_calendar_id: str) -> bool:
+        rejection = rejections.get(key)
+        if rejection is not None and rejection.holds(operation, content_hash, google_calendar_id):
+            work.held += 1
+            keep.add(key)
+            return True
+        return False
+
     for key, digest in desired.items():
         link = links.get(key)
-        if link is None:
+        if link is None or link.google_calendar_id != target:  # new, or the target calendar changed
+            if held(key, "insert", digest, target):
+                continue
+            if link is not None:  # move the copy
+                work.deletes.append((key, link))
             work.creates.append(key)
-        elif link.google_calendar_id != target:  # target calendar changed: move the copy
-            work.deletes.append((key, link))
-            work.creates.append(key)
+            keep.add(key)
         elif link.content_hash != digest:
+            if held(key, "patch", digest, link.google_calendar_id):
+                continue
             work.updates.append((key, link))
-    work.deletes += [(key, link) for key, link in links.items() if key not in desired]
+            keep.add(key)
+    for key, link in links.items():
+        if key not in desired and not held(key, "delete", link.content_hash, link.google_calendar_id):
+            work.deletes.append((key, link))
+            keep.add(key)
+    stale = [key for key in rejections if key not in keep]  # pushed, or no longer desired
+    if stale:
+        conn.execute(
+            """
+            DELETE FROM google_push_rejections r
+             USING unnest(%s::bigint[], %s::text[], %s::text[]) AS k(calendar_id, uid, recurrence_id)
+             WHERE r.user_id = %s AND r.calendar_id = k.calendar_id AND r.uid = k.uid
+               AND r.recurrence_id = k.recurrence_id
+            """,
+            ([k[0] for k in stale], [k[1] for k in stale], [k[2] for k in stale], user_id),
+        )
     work.creates.sort()
-    work.updates.sort()
-    work.deletes.sort()
+    work.updates.sort(key=lambda item: item[0])
+    work.deletes.sort(key=lambda item: item[0])
     return work
 
 
 def _load_rows(conn, keys: list[Key]) -> dict[Key, EventRow]:
     if not keys:
         return {}
-    rows = conn.execute(
-        """
-        SELECT e.calendar_id, e.uid, e.recurrence_id, e.summary, e.description, e.location, e.status,
-               e.all_day, e.starts_at, e.ends_at, e.content_hash, c.time_zone
-          FROM events e
-          JOIN calendars c ON c.id = e.calendar_id
-          JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS k(calendar_id, uid, recurrence_id)
-            ON e.calendar_id = k.calendar_id AND e.uid = k.uid AND e.recurrence_id = k.recurrence_id
-        """,
-        ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
-    ).fetchall()
-    return {(row[0], row[1], row[2]): EventRow(*row) for row in rows}
+    with conn.cursor(row_factory=class_row(EventRow)) as cur:
+        cur.execute(
+            """
+            SELECT e.calendar_id, e.uid, e.recurrence_id, e.summary, e.description, e.location, e.status,
+                   e.all_day, e.starts_at, e.ends_at, e.content_hash, c.time_zone
+              FROM events e
+              JOIN calendars c ON c.id = e.calendar_id
+              JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS k(calendar_id, uid, recurrence_id)
+                ON e.calendar_id = k.calendar_id AND e.uid = k.uid AND e.recurrence_id = k.recurrence_id
+            """,
+            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
+        )
+        return {(row.calendar_id, row.uid, row.recurrence_id): row for row in cur.fetchall()}
 
 
-def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, result: MemberResult) -> None:
+def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, tally: _Tally) -> None:
+    """Make the calls, one event at a time; a per-event refusal is recorded and the rest go on."""
     user_id, target = account.user_id, account.target_calendar_id
     pending = 0
 
@@ -328,14 +446,25 @@ def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, re
             conn.commit()
             pending = 0
 
+    def refused(key: Key, content_hash: str, google_calendar_id: str, refusal: _EventRefused) -> None:
+        _record_rejection(conn, account, key, content_hash, google_calendar_id, refusal, tally)
+        written()
+
     for key, link in work.deletes:
-        client.delete(link.google_calendar_id, link.google_event_id)  # False (404/410): already gone, done
+        try:
+            client.delete(link.google_calendar_id, link.google_event_id)  # False (404/410): already gone
+        except GoogleApiError as exc:
+            if _about_member(exc, "delete"):
+                raise
+            refused(key, link.content_hash, link.google_calendar_id, _EventRefused("delete", exc))
+            continue
         conn.execute(
             "DELETE FROM google_event_links "
             "WHERE user_id = %s AND calendar_id = %s AND uid = %s AND recurrence_id = %s",
             (user_id, *key),
         )
-        result.eventsDeleted += 1
+        _forget_rejection(conn, user_id, key)
+        tally.counts["eventsDeleted"] += 1
         written()
 
     rows = _load_rows(conn, work.creates + [key for key, _ in work.updates])
@@ -343,9 +472,13 @@ def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, re
         row = rows.get(key)
         if row is None:  # deleted since planning: the next run has nothing to do for it
             continue
-        event_id = _insert(client, target, google_event_id(user_id, *key), event_body(row))
-        _save_link(conn, user_id, key, target, event_id, row.content_hash)
-        result.eventsCreated += 1
+        try:
+            event_id = _insert(client, target, google_event_id(user_id, *key), event_body(row))
+        except _EventRefused as refusal:
+            refused(key, row.content_hash, target, refusal)
+            continue
+        _save_link(conn, account, key, target, event_id, row.content_hash)
+        tally.counts["eventsCreated"] += 1
         written()
     for key, link in work.updates:
         row = rows.get(key)
@@ -353,41 +486,142 @@ def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, re
             continue
         body = event_body(row)
         try:
-            client.patch(link.google_calendar_id, link.google_event_id, body)
-            event_id = link.google_event_id
-        except GoogleApiError as exc:
-            if exc.status not in (404, 410):
-                raise
-            event_id = _insert(client, link.google_calendar_id, google_event_id(user_id, *key), body)
-        _save_link(conn, user_id, key, link.google_calendar_id, event_id, row.content_hash)
-        result.eventsUpdated += 1
+            try:
+                client.patch(link.google_calendar_id, link.google_event_id, body)
+                event_id = link.google_event_id
+            except GoogleApiError as exc:
+                if exc.status not in (404, 410):
+                    if _about_member(exc, "patch"):
+                        raise
+                    raise _EventRefused("patch", exc) from exc
+                event_id = _insert(client, link.google_calendar_id, google_event_id(user_id, *key), body)
+        except _EventRefused as refusal:
+            refused(key, row.content_hash, link.google_calendar_id, refusal)
+            continue
+        _save_link(conn, account, key, link.google_calendar_id, event_id, row.content_hash)
+        tally.counts["eventsUpdated"] += 1
         written()
 
 
+def _about_member(exc: GoogleApiError, operation: str) -> bool:
+    """Whether a refusal is about the member (account, token, target calendar), not one event.
+
+    401 (still, after the refresh), no HTTP status (a refused token refresh), 5xx, a 404 on
+    insert (the target calendar is gone) and 403s about access or quotas are the member's;
+    every other 4xx is Google refusing this one event.
+    """
+    status = exc.status
+    if status is None or status == 401 or not 400 <= status < 500:
+        return True
+    if status == 404 and operation == "insert":
+        return True
+    return status == 403 and exc.reason in _MEMBER_403_REASONS
+
+
 def _insert(client: CalendarClient, calendar_id: str, event_id: str, body: dict) -> str:
-    """Insert under our deterministic id; if it is already there (409), patch it to ``body``."""
+    """Insert under our deterministic id; if it is already there (409), patch it to ``body``.
+
+    Raises:
+        _EventRefused: Google refused this event (a 409 whose patch fails included).
+        GoogleApiError: a refusal about the member.
+    """
     try:
         return client.insert(calendar_id, {**body, "id": event_id})["id"]
     except GoogleApiError as exc:
         if exc.status != 409:
+            if _about_member(exc, "insert"):
+                raise
+            raise _EventRefused("insert", exc) from exc
+    try:
+        client.patch(calendar_id, event_id, body)
+    except GoogleApiError as exc:
+        if _about_member(exc, "patch"):
             raise
-    client.patch(calendar_id, event_id, body)
+        raise _EventRefused("patch", exc) from exc
     return event_id
 
 
+def _record_rejection(
+    conn,
+    account: GoogleAccount,
+    key: Key,
+    content_hash: str,
+    google_calendar_id: str,
+    refusal: _EventRefused,
+    tally: _Tally,
+) -> None:
+    exc = refusal.error
+    reason = " ".join(str(p) for p in (exc.status, exc.reason) if p) or "refused"
+    if exc.google_message:
+        reason = f"{reason}: {exc.google_message}"
+    reason = reason[:500]
+    conn.execute(
+        """
+        INSERT INTO google_push_rejections
+               (user_id, calendar_id, uid, recurrence_id, content_hash, operation, google_calendar_id,
+                account_subject, status, reason)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (user_id, calendar_id, uid, recurrence_id) DO UPDATE
+           SET content_hash = EXCLUDED.content_hash, operation = EXCLUDED.operation,
+               google_calendar_id = EXCLUDED.google_calendar_id,
+               account_subject = EXCLUDED.account_subject, status = EXCLUDED.status,
+               reason = EXCLUDED.reason, rejected_at = now()
+        """,
+        (
+            account.user_id,
+            *key,
+            content_hash,
+            refusal.operation,
+            google_calendar_id,
+            account.account_subject,
+            exc.status,
+            reason,
+        ),
+    )
+    tally.counts["eventsRejected"] += 1
+    tally.rejections.append(
+        {
+            "calendarId": key[0],
+            "uid": key[1][:120],
+            "recurrenceId": key[2],
+            "operation": refusal.operation,
+            "status": exc.status,
+            "reason": reason[:200],
+        }
+    )
+    log.warning(
+        "user %s: Google refused %s of an event of calendar %s: %s",
+        account.user_id,
+        refusal.operation,
+        key[0],
+        reason,
+    )
+
+
+def _forget_rejection(conn, user_id: int, key: Key) -> None:
+    conn.execute(
+        "DELETE FROM google_push_rejections "
+        "WHERE user_id = %s AND calendar_id = %s AND uid = %s AND recurrence_id = %s",
+        (user_id, *key),
+    )
+
+
 def _save_link(
-    conn, user_id: int, key: Key, google_calendar_id: str, event_id: str, content_hash: str
+    conn, account: GoogleAccount, key: Key, google_calendar_id: str, event_id: str, content_hash: str
 ) -> None:
     conn.execute(
         """
         INSERT INTO google_event_links
-               (user_id, calendar_id, uid, recurrence_id, google_calendar_id, google_event_id, content_hash)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)
+               (user_id, calendar_id, uid, recurrence_id, google_calendar_id, google_event_id, content_hash,
+                account_subject)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (user_id, calendar_id, uid, recurrence_id) DO UPDATE
            SET google_calendar_id = EXCLUDED.google_calendar_id,
                google_event_id = EXCLUDED.google_event_id,
                content_hash = EXCLUDED.content_hash,
+               account_subject = EXCLUDED.account_subject,
                pushed_at = now()
         """,
-        (user_id, *key, google_calendar_id, event_id, content_hash),
+        (account.user_id, *key, google_calendar_id, event_id, content_hash, account.account_subject),
     )
+    _forget_rejection(conn, account.user_id, key)

@@ -7,9 +7,12 @@ insert, patch, delete — with the behaviour the job needs:
   once (``google_auth_httplib2.AuthorizedHttp(max_refresh_attempts=1)``).
 - A refresh answered ``invalid_grant`` raises ``GoogleGrantRevokedError`` (the user revoked
   access or the grant expired): the caller marks the account revoked.
-- 429, 403 rate-limit reasons, 5xx and connection faults are retried with backoff honouring
-  ``Retry-After``, each wait bounded; after the last attempt ``GoogleRetryableError``.
-- Other HTTP errors raise ``GoogleApiError`` with the status (never a token in the message).
+- 429, 403 rate-limit reasons, 5xx and connection faults are retried by the one retry policy
+  (``almanac.retry.RetryPolicy``/``retry_call``): exponential backoff, or the server's
+  ``Retry-After`` (``almanac.retry.parse_retry_after``), each wait capped at ``max_wait_s``;
+  after the last attempt ``GoogleRetryableError``.
+- Other HTTP errors raise ``GoogleApiError`` with the status, Google's reason and message
+  (never a token in the message); the caller decides whether it is about one event or the member.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 from almanac.errors import ConfigError, PermanentError, RetryableError
+from almanac.retry import RetryPolicy, parse_retry_after, retry_call
 
 __all__ = [
+    "DEFAULT_POLICY",
     "CalendarClient",
     "GoogleApiError",
     "GoogleGrantRevokedError",
     "GoogleRetryableError",
     "OAuthClient",
-    "RetryPolicy",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+#: The settings' defaults (``google_request_attempts`` / ``google_retry_max_wait_s``).
+DEFAULT_POLICY = RetryPolicy(attempts=4, max_wait_s=60.0)
 
 
 class GoogleGrantRevokedError(PermanentError):
@@ -57,13 +62,24 @@ class GoogleGrantRevokedError(PermanentError):
 class GoogleRetryableError(RetryableError):
     """Google kept answering 429/5xx (or the connection failed) through every attempt.
 
+    ``retry_after`` (seconds) is the server's ``Retry-After`` of the last answer, if any.
+
     What to do: nothing; the next run converges. If it persists, check Google's status page and
     the project's Calendar API quota.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        reason: str | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class GoogleApiError(PermanentError):
@@ -73,10 +89,18 @@ class GoogleApiError(PermanentError):
     account's ``target_calendar_id`` is wrong or the user lost access to it.
     """
 
-    def __init__(self, message: str, status: int | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        reason: str | None = None,
+        *,
+        google_message: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.google_message = google_message  # Google's own words ("Invalid start time."), if any
 
 
 @dataclass(frozen=True)
@@ -91,16 +115,6 @@ class OAuthClient:
     def __post_init__(self) -> None:
         if not self.client_id or not self.client_secret:
             raise ConfigError("the Google OAuth client needs a client id and a client secret")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Attempts per call for 429/5xx, and the longest single wait (Retry-After is capped to it)."""
-
-    attempts: int = 4
-    max_wait_s: float = 60.0
-    base_wait_s: float = 1.0
-    timeout_s: float = 30.0
 
 
 @dataclass
@@ -136,7 +150,7 @@ class CalendarClient:
         from googleapiclient.discovery import build
 
         self.user_id = user_id
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or DEFAULT_POLICY
         self._sleep = sleep
         self._initial = _Tokens(access_token, expiry)
         self._credentials = Credentials(
@@ -197,82 +211,76 @@ class CalendarClient:
         return True
 
     def _call(self, op: str, make_request: Callable):
+        """One request, retried per ``self.policy`` (``almanac.retry``) on 429/5xx/rate limits/faults."""
+        try:
+            return retry_call(
+                lambda: self._once(op, make_request), self.policy, sleep=self._sleep, on_retry=self._on_retry
+            )
+        except GoogleRetryableError as exc:
+            if self.policy.attempts <= 1:
+                raise
+            raise GoogleRetryableError(
+                f"{exc} (after {self.policy.attempts} attempts)", exc.status, exc.reason
+            ) from exc
+
+    def _on_retry(self, attempt: int, exc: Exception, wait: float) -> None:
+        log.info(
+            "user %s: Google call attempt %d failed (%s); retrying in %.1fs",
+            self.user_id,
+            attempt,
+            getattr(exc, "status", None) or type(exc).__name__,
+            wait,
+        )
+
+    def _once(self, op: str, make_request: Callable):
+        """One try: Google's answer, or the error it maps to (retryable or not)."""
         import httplib2
         from google.auth.exceptions import RefreshError, TransportError
         from googleapiclient.errors import HttpError
 
-        policy = self.policy
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                return make_request().execute(num_retries=0)
-            except HttpError as exc:
-                status = exc.resp.status
-                reason = _reason(exc)
-                retryable = status in _RETRYABLE_STATUS or (status == 403 and reason in _RATE_LIMIT_REASONS)
-                if not retryable:
-                    raise GoogleApiError(
-                        f"user {self.user_id}: Google {op} answered {status} {reason or ''}".rstrip(),
-                        status,
-                        reason,
-                    ) from exc
-                if attempt == policy.attempts:
-                    raise GoogleRetryableError(
-                        f"user {self.user_id}: Google {op} still answered {status} after {attempt} attempts",
-                        status,
-                    ) from exc
-                wait = _retry_after(exc.resp.get("retry-after"))
-                if wait is None:
-                    wait = policy.base_wait_s * 2 ** (attempt - 1)
-            except RefreshError as exc:
-                if _is_invalid_grant(exc):
-                    raise GoogleGrantRevokedError(self.user_id) from exc
-                if getattr(exc, "retryable", False):
-                    if attempt == policy.attempts:
-                        raise GoogleRetryableError(
-                            f"user {self.user_id}: token refresh kept failing"
-                        ) from exc
-                    wait = policy.base_wait_s * 2 ** (attempt - 1)
-                else:
-                    raise GoogleApiError(
-                        f"user {self.user_id}: token refresh refused: {_refresh_error(exc)}"
-                    ) from exc
-            except (TimeoutError, OSError, httplib2.HttpLib2Error, TransportError) as exc:
-                if attempt == policy.attempts:
-                    raise GoogleRetryableError(
-                        f"user {self.user_id}: Google {op} unreachable: {type(exc).__name__}"
-                    ) from exc
-                wait = policy.base_wait_s * 2 ** (attempt - 1)
-            wait = min(max(wait, 0.0), policy.max_wait_s)
-            log.info(
-                "user %s: Google %s attempt %d failed; retrying in %.1fs", self.user_id, op, attempt, wait
-            )
-            self._sleep(wait)
-        raise AssertionError("unreachable")
+        try:
+            return make_request().execute(num_retries=0)
+        except HttpError as exc:
+            status = exc.resp.status
+            reason, message = _reason(exc)
+            if status in _RETRYABLE_STATUS or (status == 403 and reason in _RATE_LIMIT_REASONS):
+                raise GoogleRetryableError(
+                    f"user {self.user_id}: Google {op} answered {status} {reason or ''}".rstrip(),
+                    status,
+                    reason,
+                    retry_after=parse_retry_after(exc.resp.get("retry-after")),
+                ) from exc
+            raise GoogleApiError(
+                f"user {self.user_id}: Google {op} answered {status} {reason or ''}".rstrip(),
+                status,
+                reason,
+                google_message=message,
+            ) from exc
+        except RefreshError as exc:
+            if _is_invalid_grant(exc):
+                raise GoogleGrantRevokedError(self.user_id) from exc
+            if getattr(exc, "retryable", False):
+                raise GoogleRetryableError(f"user {self.user_id}: token refresh failed") from exc
+            raise GoogleApiError(
+                f"user {self.user_id}: token refresh refused: {_refresh_error(exc)}"
+            ) from exc
+        except (TimeoutError, OSError, httplib2.HttpLib2Error, TransportError) as exc:
+            raise GoogleRetryableError(
+                f"user {self.user_id}: Google {op} unreachable: {type(exc).__name__}"
+            ) from exc
 
 
-def _reason(exc) -> str | None:
+def _reason(exc) -> tuple[str | None, str | None]:
+    """Google's error reason and message from an error body (``{"error": {"errors": [...]}}``)."""
     try:
         payload = json.loads(exc.content.decode("utf-8"))
-        errors = payload.get("error", {}).get("errors") or []
-        return errors[0].get("reason") if errors else None
+        error = payload.get("error", {})
+        errors = error.get("errors") or []
+        first = errors[0] if errors and isinstance(errors[0], dict) else {}
+        message = first.get("message") or error.get("message")
+        return first.get("reason") or error.get("status"), str(message)[:300] if message else None
     except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        return None, None
 
 
 def _refresh_data(exc) -> dict:

@@ -5,15 +5,21 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from almanac.timeconv import all_day_date, all_day_end_date, as_utc
 
 __all__ = ["EventRow", "event_body", "google_event_id"]
 
 
 @dataclass(frozen=True)
 class EventRow:
-    """One row of ``events`` with its calendar's time zone."""
+    """One row of ``events`` with its calendar's time zone (columns bound by name).
+
+    ``starts_at``/``ends_at`` are aware UTC instants; for an all-day row they are 00:00 UTC of
+    its dates, end exclusive (``almanac.timeconv``).
+    """
 
     calendar_id: int
     uid: str
@@ -48,18 +54,20 @@ def _zone(name: str) -> ZoneInfo | None:
 
 
 def event_body(row: EventRow) -> dict:
-    """The resource for events.insert/patch (without ``id``). All-day events become dates in
-    the calendar's zone with Google's exclusive end date; timed ones RFC 3339 instants."""
+    """The resource for events.insert/patch (without ``id``).
+
+    All-day events become Google dates with the exclusive end date, read from the stored
+    instants by the one convention (``almanac.timeconv.all_day_date``: their UTC date, never
+    the calendar's zone, which would move them a day west of Greenwich). Timed events are
+    RFC 3339 instants, labelled with the calendar's zone when it is a known one.
+    """
     zone = _zone(row.time_zone)
     if row.all_day:
-        local_start = row.starts_at.astimezone(zone) if zone else row.starts_at
-        local_end = row.ends_at.astimezone(zone) if zone else row.ends_at
-        start_date = local_start.date()
-        end_date = max(local_end.date(), start_date + timedelta(days=1))
-        start, end = {"date": start_date.isoformat()}, {"date": end_date.isoformat()}
+        start = {"date": all_day_date(row.starts_at).isoformat()}
+        end = {"date": all_day_end_date(row.starts_at, row.ends_at).isoformat()}
     else:
-        start = {"dateTime": row.starts_at.isoformat()}
-        end = {"dateTime": row.ends_at.isoformat()}
+        start = {"dateTime": as_utc(row.starts_at).isoformat()}
+        end = {"dateTime": as_utc(row.ends_at).isoformat()}
         if zone:
             start["timeZone"] = end["timeZone"] = row.time_zone
     return {

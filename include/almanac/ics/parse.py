@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from datetime import date, datetime, time, timedelta, tzinfo
 
 import icalendar
 import x_wr_timezone
@@ -26,12 +26,12 @@ from recurring_ical_events.util import to_recurrence_ids
 
 from almanac.errors import PermanentError
 from almanac.ics.timezones import ZoneResolver, zone_name
+from almanac.timeconv import UTC, as_utc
 
 __all__ = ["FeedParseError", "Instance", "ParseResult", "parse_feed"]
 
 log = logging.getLogger(__name__)
 
-UTC = timezone.utc
 _DATE_PROPS = ("DTSTART", "DTEND", "RDATE", "EXDATE", "RECURRENCE-ID")
 _LIST_PROPS = ("RDATE", "EXDATE")
 _ICAL_START = re.compile(r"^BEGIN:(VCALENDAR|VEVENT)[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -67,13 +67,13 @@ class Instance:
 
     @property
     def starts_at(self) -> datetime:
-        """The start in UTC; an all-day instance starts at 00:00 UTC of its date."""
-        return _as_utc(self.start)
+        """The start in UTC; an all-day instance starts at 00:00 UTC of its date (``almanac.timeconv``)."""
+        return as_utc(self.start)
 
     @property
     def ends_at(self) -> datetime:
         """The (exclusive) end in UTC; an all-day instance ends at 00:00 UTC of its end date."""
-        return _as_utc(self.end)
+        return as_utc(self.end)
 
 
 @dataclass
@@ -469,7 +469,7 @@ def _expand_series(
             if status == "CANCELLED":
                 continue
             start, end = occurrence.start, occurrence.end
-            if not chunk_start <= _as_utc(start) < chunk_end:
+            if not chunk_start <= as_utc(start) < chunk_end:
                 continue
             if adapter.is_modification():
                 original = component["RECURRENCE-ID"].dt
@@ -537,12 +537,6 @@ def _instance(
 
 
 # --- small helpers -------------------------------------------------------------------------
-
-
-def _as_utc(value: date | datetime) -> datetime:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC)
-    return datetime(value.year, value.month, value.day, tzinfo=UTC)
 
 
 def _format_rid(value: date | datetime, all_day: bool, default_tz: tzinfo) -> str:

@@ -2,13 +2,14 @@
 
     eval "$(./dev env --profile test)"   # or any stack: it needs ALMANAC_APP_DB_URL
     .venv/bin/python benchmarks/ics_sync.py --calendars 200 --events 200
-    .venv/bin/python benchmarks/ics_sync.py --workload ../shared/bench-workload --calendars 2000
+    .venv/bin/python benchmarks/ics_sync.py --workload DIR --calendars 2000
 
-Generates N calendars x E events (with ``--workload DIR``: the shared bench-workload's
-``gen.py``/``mutate.py``, the workload the Node/BullMQ figures were measured on; without it,
-a built-in deterministic generator), serves them on 127.0.0.1 with ETag/304, registers them as
-calendars of a benchmark tenant (its rows only: nothing else in the database is touched), and
-times three cycles with ``--workers`` processes, each syncing batches the way mapped tasks do:
+Generates N calendars x E events (with ``--workload DIR``: a bench-workload folder holding
+``gen.py``/``mutate.py``, e.g. the workload the Node/BullMQ figures were measured on, wherever
+you keep it; without it, a built-in deterministic generator), serves them on 127.0.0.1 with
+ETag/304, registers them as calendars of a benchmark tenant (its rows only: nothing else in the
+database is touched), and times three cycles with ``--workers`` processes, each syncing batches
+the way mapped tasks do:
 
 1. cold: empty database;   2. warm: nothing changed;   3. 10% of the feeds changed.
 
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,7 +59,8 @@ def generate_feeds(out: Path, calendars: int, events: int, anchor: datetime, see
             else:
                 lines += [f"DTSTART;TZID={tz}:{start:%Y%m%dT%H%M%S}", "DURATION:PT1H"]
             if rng.random() < 0.2:
-                kind = rng.choice(["COUNT=30", "UNTIL=" + (start + timedelta(days=200)).strftime("%Y%m%dT000000Z"), ""])
+                until = (start + timedelta(days=200)).strftime("%Y%m%dT000000Z")
+                kind = rng.choice(["COUNT=30", f"UNTIL={until}", ""])
                 lines += ["RRULE:FREQ=WEEKLY" + (f";{kind}" if kind else "")]
             lines += ["END:VEVENT"]
         lines += ["END:VCALENDAR"]
@@ -85,7 +87,7 @@ class _FeedHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         path = self.folder / self.path.lstrip("/")
         try:
             body = path.read_bytes()
@@ -94,7 +96,7 @@ class _FeedHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        etag = '"%s"' % hashlib.sha1(body).hexdigest()
+        etag = f'"{hashlib.sha1(body).hexdigest()}"'
         if self.headers.get("If-None-Match") == etag:
             self.send_response(304)
             self.send_header("ETag", etag)
@@ -218,19 +220,21 @@ def run_cycle(name: str, pool, db_url: str, ids: list[int], batch_size: int, ins
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calendars", type=int, default=200)
     parser.add_argument("--events", type=int, default=200, help="events per calendar")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch-size", type=int, default=0, help="default: the DAG planner's batches")
-    parser.add_argument("--workload", type=Path, help="the shared bench-workload folder (gen.py, mutate.py)")
+    parser.add_argument("--workload", type=Path, help="a bench-workload folder (gen.py, mutate.py)")
     parser.add_argument("--feeds-dir", type=Path, help="ready .ics files (skips generation)")
     parser.add_argument("--db-url", default=os.environ.get("ALMANAC_APP_DB_URL"))
     args = parser.parse_args()
     if not args.db_url:
         sys.exit("set ALMANAC_APP_DB_URL (eval \"$(./dev env --profile test)\") or pass --db-url")
 
-    anchor = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    anchor = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     workdir = Path(tempfile.mkdtemp(prefix="almanac-bench-"))
     feeds = workdir / "feeds"
     try:
@@ -256,11 +260,15 @@ def main() -> int:
         run_cycle("cold", pool, args.db_url, ids, args.batch_size, instant, host)
         run_cycle("warm", pool, args.db_url, ids, args.batch_size, instant + timedelta(minutes=5), host)
         if args.workload:
-            subprocess.run([sys.executable, str(args.workload / "mutate.py"), "--dir", str(feeds), "--share", "0.1"],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, str(args.workload / "mutate.py"), "--dir", str(feeds), "--share", "0.1"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         else:
             mutate_feeds(feeds, 0.1, 1)
-        run_cycle("10% changed", pool, args.db_url, ids, args.batch_size, instant + timedelta(minutes=10), host)
+        changed_at = instant + timedelta(minutes=10)
+        run_cycle("10% changed", pool, args.db_url, ids, args.batch_size, changed_at, host)
         pool.close()
         server.shutdown()
     finally:

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -30,7 +30,7 @@ from ics_sync import BENCH_TENANT, register_calendars, serve  # noqa: E402
 
 
 def write_feeds(folder: Path, calendars: int, events: int) -> list[str]:
-    start = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(days=1)
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=1)
     names = []
     for c in range(1, calendars + 1):
         lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//almanac//bench-dag//EN"]
@@ -46,8 +46,11 @@ def write_feeds(folder: Path, calendars: int, events: int) -> list[str]:
 
 class Api:
     def __init__(self, base: str, home: str) -> None:
-        password = json.loads((Path(home) / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-        token = requests.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30)
+        passwords = Path(home) / "simple_auth_manager_passwords.json.generated"
+        password = json.loads(passwords.read_text())["admin"]
+        token = requests.post(
+            f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30
+        )
         token.raise_for_status()
         self.base = base
         self.session = requests.Session()
@@ -73,18 +76,24 @@ def run_once(api: Api, label: str, run_id: str | None = None) -> None:
     slowest = max((t["duration"] or 0 for t in batches), default=0)
     queued = datetime.fromisoformat(run["queued_at"])
     ended = datetime.fromisoformat(run["end_date"])
-    total = api.call("GET", f"/dags/ics_sync/dagRuns/{run_id}/taskInstances/summarize/xcomEntries/return_value",
-                     params={"deserialize": True})["value"]
+    total = api.call(
+        "GET",
+        f"/dags/ics_sync/dagRuns/{run_id}/taskInstances/summarize/xcomEntries/return_value",
+        params={"deserialize": True},
+    )["value"]
     print(
         f"{label:<5} run {run['state']:<8} {(ended - queued).total_seconds():7.1f} s queued->finished, "
         f"{len(batches)} batch tasks (slowest {slowest:.1f} s), {total['totalCalendars']} calendars, "
-        f"{total['errorCount']} errors, events +{total['eventsAdded']} ~{total['eventsUpdated']} -{total['eventsDeleted']}",
+        f"{total['errorCount']} errors, events +{total['eventsAdded']} ~{total['eventsUpdated']} "
+        f"-{total['eventsDeleted']}",
         flush=True,
     )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calendars", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=5)
     args = parser.parse_args()
@@ -99,10 +108,14 @@ def main() -> int:
         host = f"127.0.0.1:{server.server_address[1]}"
         register_calendars(db_url, f"http://{host}/", names)
         api.call("DELETE", "/variables/almanac_settings") if _exists(api) else None
-        api.call("POST", "/variables", json={"key": "almanac_settings", "value": json.dumps({"ics_allow_hosts": host})})
+        settings = json.dumps({"ics_allow_hosts": host})
+        api.call("POST", "/variables", json={"key": "almanac_settings", "value": settings})
         api.call("PATCH", "/dags/ics_sync", json={"is_paused": False})
         try:
-            print(f"{args.calendars} calendars x {args.events} events; feeds on {host}; tenant {BENCH_TENANT}")
+            print(
+                f"{args.calendars} calendars x {args.events} events; feeds on {host}; "
+                f"tenant {BENCH_TENANT}"
+            )
             first = _first_scheduled_run(api)  # unpausing starts one at once (run_immediately)
             run_once(api, "cold", first)
             run_once(api, "warm")
@@ -123,7 +136,8 @@ def _exists(api: Api) -> bool:
 def _first_scheduled_run(api: Api) -> str:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        runs = api.call("GET", "/dags/ics_sync/dagRuns", params={"limit": 100, "order_by": "-run_after"})["dag_runs"]
+        params = {"limit": 100, "order_by": "-run_after"}
+        runs = api.call("GET", "/dags/ics_sync/dagRuns", params=params)["dag_runs"]
         active = [r for r in runs if r["state"] in ("queued", "running")]
         if active:
             return active[0]["dag_run_id"]

@@ -4,7 +4,8 @@ Run through ``./dev`` (which first makes ``.venv``). Commands:
 
     up       provision services, migrate both databases, load demo data, start Airflow
     down     stop Airflow and the private services started by ``up``
-    test     provision the *test* services (own ports and data), then run pytest
+    test     lint with ruff (only when given no pytest args), provision the *test* services
+             (own ports and data), then run pytest
     services only PostgreSQL and Redis (migrated), e.g. for benchmarks
     status   what is running
     env      shell exports for this profile: ``eval "$(./dev env)"`` then use ``airflow``/``almanac``
@@ -177,7 +178,9 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
     if not (data / "postmaster.pid").exists() or not _port_open(port):
         if _port_open(port):
             sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}PG_PORT")
-        options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
+        options = (
+            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200"
+        )
         if profile.name == "test":  # throwaway data: trade durability for speed
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         say(f"starting PostgreSQL on 127.0.0.1:{port}")
@@ -197,7 +200,11 @@ def _ensure_databases(port: int, sec: dict[str, str]) -> None:
     import psycopg
 
     conn = psycopg.connect(
-        host="127.0.0.1", port=port, user="postgres", password=sec["pg_superuser_password"], dbname="postgres",
+        host="127.0.0.1",
+        port=port,
+        user="postgres",
+        password=sec["pg_superuser_password"],
+        dbname="postgres",
         autocommit=True,
     )
     with conn.cursor() as cur:
@@ -205,7 +212,8 @@ def _ensure_databases(port: int, sec: dict[str, str]) -> None:
         if cur.fetchone() is None:
             from psycopg import sql  # DDL takes no bind parameters: quote the literal client-side
 
-            cur.execute(sql.SQL("CREATE ROLE almanac LOGIN PASSWORD {}").format(sql.Literal(sec["pg_password"])))
+            password = sql.Literal(sec["pg_password"])
+            cur.execute(sql.SQL("CREATE ROLE almanac LOGIN PASSWORD {}").format(password))
         for db in ("almanac", "airflow"):
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
             if cur.fetchone() is None:
@@ -303,7 +311,9 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
             "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url.replace("postgresql://", "postgresql+psycopg2://", 1),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url.replace(
+            "postgresql://", "postgresql+psycopg2://", 1
+        ),
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__BASE_URL": f"http://localhost:{api_port}",
@@ -438,7 +448,10 @@ def wait_for_api(env: dict[str, str], timeout: float = 180) -> None:
         except OSError:
             pass
         time.sleep(1)
-    sys.exit(f"dev: the API server did not answer at {url} within {timeout:.0f}s; see var/*/logs/api-server.log")
+    sys.exit(
+        f"dev: the API server did not answer at {url} within {timeout:.0f}s; "
+        "see var/*/logs/api-server.log"
+    )
 
 
 def admin_password(env: dict[str, str]) -> str | None:
@@ -477,7 +490,10 @@ def cmd_services(profile: Profile) -> int:
     env = stack_env(profile, provision=True)
     write_env_file(profile, env)
     migrate_all(profile, env)
-    print(f"services up; eval \"$(./dev env --profile {profile.name})\"; stop with ./dev down --profile {profile.name}")
+    print(
+        f"services up; eval \"$(./dev env --profile {profile.name})\"; "
+        f"stop with ./dev down --profile {profile.name}"
+    )
     return 0
 
 
@@ -488,7 +504,20 @@ def cmd_down(profile: Profile) -> int:
     return 0
 
 
+def run_ruff() -> int:
+    """``ruff check .`` (config in pyproject.toml); its exit status, 0 when it reports nothing."""
+    cmd = [str(VENV_BIN / "ruff"), "check", "."]
+    say("running ruff check . (lint, before pytest)")
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
 def cmd_test(profile: Profile, pytest_args: list[str]) -> int:
+    if pytest_args:
+        say("ruff skipped: pytest arguments given (./dev test with none lints first, as CI does)")
+    elif (code := run_ruff()) != 0:
+        say(f"ruff reported problems (exit {code}): fix them (`.venv/bin/ruff check --fix` helps); "
+            "pytest not run")
+        return code
     env = stack_env(profile, provision=True)
     write_env_file(profile, env)
     migrate_all(profile, env)
@@ -508,11 +537,11 @@ def cmd_status(profile: Profile) -> int:
     env = stack_env(profile, provision=False)
     for component in AIRFLOW_COMPONENTS:
         pid = _read_pid(_pidfile(profile, component))
-        print(f"airflow {component:14} {'running, pid %d' % pid if pid else 'stopped'}")
+        print(f"airflow {component:14} {f'running, pid {pid}' if pid else 'stopped'}")
     pg_port = profile.port("PG_PORT", profile.pg_port)
     redis_port = profile.port("REDIS_PORT", profile.redis_port)
-    print(f"postgres {'':13} {'listening on %d' % pg_port if _port_open(pg_port) else 'stopped'}")
-    print(f"redis {'':16} {'listening on %d' % redis_port if _port_open(redis_port) else 'stopped'}")
+    print(f"postgres {'':13} {f'listening on {pg_port}' if _port_open(pg_port) else 'stopped'}")
+    print(f"redis {'':16} {f'listening on {redis_port}' if _port_open(redis_port) else 'stopped'}")
     print(f"ui {'':19} {env['AIRFLOW__API__BASE_URL']}")
     return 0
 

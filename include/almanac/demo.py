@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 __all__ = ["DemoData", "DemoSpec", "generate", "load"]
 
@@ -26,7 +26,7 @@ class DemoSpec:
     invitations_per_calendar: int = 6
     seed: int = 42
     #: Instant the invitations are placed around (created up to 60 days before it).
-    anchor: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
+    anchor: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
 
 
 @dataclass
@@ -65,7 +65,8 @@ def generate(spec: DemoSpec) -> DemoData:
             for _ in range(spec.invitations_per_calendar):
                 invitation_id += 1
                 created = spec.anchor - timedelta(minutes=rng.randrange(60 * 24 * 60))
-                expires = None if rng.random() < 0.5 else created + timedelta(hours=rng.randrange(24, 24 * 45))
+                lifetime = timedelta(hours=rng.randrange(24, 24 * 45))
+                expires = None if rng.random() < 0.5 else created + lifetime
                 status = rng.choices(["pending", "accepted", "declined"], weights=[7, 2, 1])[0]
                 responded = None if status == "pending" else created + timedelta(hours=rng.randrange(1, 72))
                 data.invitations.append(
@@ -93,7 +94,8 @@ _INSERTS = {
     "calendar_members": "INSERT INTO calendar_members (calendar_id, user_id, role) "
     "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
     "invitations": "INSERT INTO invitations (id, calendar_id, inviter_id, invitee_email, token, status, "
-    "created_at, expires_at, responded_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+    "created_at, expires_at, responded_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT DO NOTHING",
 }
 _SEQUENCES = ["tenants", "users", "calendars", "invitations"]
 

@@ -1,8 +1,10 @@
 """Nothing at parse time: importing a DAG file connects to nothing, spawns nothing, writes nothing.
 
 Each DAG file is imported in a fresh Python process (the test environment as given, so the
-same ``AIRFLOW_*`` settings and connections a dag-processor would see), the way Airflow does
-it: ``plugins/`` and ``dags/`` on ``sys.path``, the file loaded with
+same ``AIRFLOW_*`` settings and connections a dag-processor would see, except that
+``PYTHONDONTWRITEBYTECODE`` is dropped: the interpreter writes its bytecode cache, as a
+dag-processor does by default and as on a fresh machine), the way Airflow does it:
+``plugins/`` and ``dags/`` on ``sys.path``, the file loaded with
 ``importlib.util.spec_from_file_location``. Before the import the probe warms ``airflow.sdk``
 (including the names it exports lazily, e.g. the cron timetables) and ``almanac_airflow``:
 what those cost is Airflow's, not the DAG file's. Then, while the DAG file itself is being
@@ -11,8 +13,14 @@ imported (and re-imported for the warm timing), an audit hook (``sys.addaudithoo
 * network: ``socket.connect`` and name look-ups (``socket.getaddrinfo``/``gethostbyname``...),
 * processes: ``subprocess.Popen``, ``os.system``, ``os.exec*``, ``os.spawn*``, ``os.posix_spawn``,
   ``os.fork``,
-* files opened for writing (``open``/``os.open`` with a write mode or write flags), except the
-  interpreter's own bytecode cache under ``__pycache__``,
+* files opened for writing: ``open``/``os.open``/``io.FileIO`` with a write mode or write flags,
+  by path or by file descriptor (``os.fdopen``, ``open(fd, "w")``; an fd is resolved to its path
+  through ``/proc/self/fd`` where there is one). The interpreter's own bytecode cache is told
+  apart by *who* writes, not by where: a write is the cache only when it is made directly by
+  importlib's ``_write_atomic`` (``SourceFileLoader.set_data``) and its target is a ``.pyc`` in a
+  ``__pycache__`` folder (or under ``sys.pycache_prefix``). Those are listed apart
+  (``bytecode_cache``) and are not problems; a DAG file writing into ``__pycache__`` itself is
+  still caught,
 
 and the probe records ``sys.modules`` before and after, plus every absolute ``import``
 statement executed (so a module-level ``import psycopg2`` is caught even though Airflow's
@@ -62,28 +70,74 @@ NET = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.g
        "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg"}
 PROC = {"subprocess.Popen", "os.system", "os.posix_spawn", "os.fork", "os.forkpty", "os.startfile"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+#: importlib's bytecode writer: SourceFileLoader.set_data -> _write_atomic (os.open, then FileIO(fd)).
+IMPORTLIB_FILES = ("<frozen importlib._bootstrap_external>",
+                   os.path.join("importlib", "_bootstrap_external.py"))
 recording = False
-network, processes, writes, imported = [], [], [], set()
+in_hook = False
+network, processes, writes, bytecode_cache, imported = [], [], [], [], set()
 
 def describe(args):
     return repr(args)[:300]
 
-def hook(event, args):
-    if not recording:
+def fd_path(fd):
+    """The path behind an open file descriptor, or None where the OS does not say."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+def is_pyc_in_cache_dir(name):
+    folder, base = os.path.split(name)
+    in_cache = os.path.basename(folder) == "__pycache__" or bool(
+        sys.pycache_prefix and name.startswith(sys.pycache_prefix + os.sep))
+    # _write_atomic writes "<name>.pyc.<id>" and renames it onto "<name>.pyc".
+    return in_cache and (base.endswith(".pyc") or ".pyc." in base)
+
+def is_bytecode_cache(frame, name):
+    """True when the interpreter itself writes a bytecode cache file.
+
+    ``frame`` is the Python frame that raised the event: it must be importlib's own
+    ``_write_atomic``, not a DAG file (or a library it calls) that happens to write a .pyc.
+    ``name`` is the target (None: an fd the OS would not resolve; the frame decides alone).
+    """
+    code = frame.f_code if frame is not None else None
+    if code is None or code.co_name != "_write_atomic":
+        return False
+    if not (code.co_filename == IMPORTLIB_FILES[0] or code.co_filename.endswith(IMPORTLIB_FILES[1])):
+        return False
+    return name is None or is_pyc_in_cache_dir(name)
+
+def record_open(frame, path, mode, flags):
+    if isinstance(mode, str):
+        writing = any(c in mode for c in "wax+")
+    else:
+        writing = bool((flags or 0) & WRITE_FLAGS)
+    if not writing:
         return
-    if event in NET:
-        network.append(f"{event} {describe(args)}")
-    elif event in PROC or event.startswith(("os.exec", "os.spawn")):
-        processes.append(f"{event} {describe(args)}")
-    elif event == "open":
-        path, mode, flags = args
-        if isinstance(mode, str):
-            writing = any(c in mode for c in "wax+")
-        else:
-            writing = bool((flags or 0) & WRITE_FLAGS)
+    if isinstance(path, int):
+        name = fd_path(path)
+        shown = f"fd {path} ({name or 'path unknown'})"
+    else:
         name = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
-        if writing and f"{os.sep}__pycache__{os.sep}" not in name:
-            writes.append(f"open {name!r} mode={mode!r} flags={flags!r}")
+        shown = repr(name)
+    entry = f"open {shown} mode={mode!r} flags={flags!r}"
+    (bytecode_cache if is_bytecode_cache(frame, name) else writes).append(entry)
+
+def hook(event, args):
+    global in_hook
+    if not recording or in_hook:
+        return
+    in_hook = True  # what the hook itself does (readlink...) is not the DAG file's
+    try:
+        if event in NET:
+            network.append(f"{event} {describe(args)}")
+        elif event in PROC or event.startswith(("os.exec", "os.spawn")):
+            processes.append(f"{event} {describe(args)}")
+        elif event == "open":
+            record_open(sys._getframe(1), *args)
+    finally:
+        in_hook = False
 
 sys.addaudithook(hook)
 
@@ -148,6 +202,8 @@ result = {
     "network": network,
     "processes": processes,
     "writes": writes,
+    "bytecode_cache": bytecode_cache,
+    "dont_write_bytecode": sys.dont_write_bytecode,
     "heavy_modules_loaded": heavy(new_modules),
     "heavy_imports_executed": heavy(imported),
     "heavy_in_baseline": heavy(before),
@@ -165,8 +221,17 @@ def probe_dag_file(
     dags_dir: Path = DAGS_DIR,
     plugins_dir: Path = PLUGINS_DIR,
     repeats: int = WARM_REPEATS,
+    write_bytecode: bool = True,
 ) -> dict:
-    """Import ``dag_file`` in a fresh process under the audit hook; return what it recorded."""
+    """Import ``dag_file`` in a fresh process under the audit hook; return what it recorded.
+
+    ``write_bytecode``: the child writes its bytecode cache (the default, whatever
+    ``PYTHONDONTWRITEBYTECODE`` says here), or not (``PYTHONDONTWRITEBYTECODE=1``).
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if not write_bytecode:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     proc = subprocess.run(
         [
             sys.executable,
@@ -179,7 +244,7 @@ def probe_dag_file(
             json.dumps(HEAVY_MODULES),
             str(repeats),
         ],
-        env=dict(os.environ),
+        env=env,
         cwd=str(dag_file.parent),
         capture_output=True,
         text=True,
@@ -260,11 +325,37 @@ BAD_MODULE_LEVEL_CODE = {
         "import subprocess\nsubprocess.run(['true'], check=False)\n",
         "process spawned at parse time: subprocess.Popen",
     ),
+    # Every write lands in the DAG file's own folder (tmp_path).
     "file_write": (
         "import os\n"
-        "with open(os.path.join(os.path.dirname(__file__), 'written.txt'), 'w') as _f:  # in tmp_path\n"
+        "with open(os.path.join(os.path.dirname(__file__), 'written.txt'), 'w') as _f:\n"
         "    _f.write('x')\n",
-        "file written at parse time: open",
+        "file written at parse time: open '",
+    ),
+    "file_write_os_open": (
+        "import os\n"
+        "_fd = os.open(os.path.join(os.path.dirname(__file__), 'written.txt'), os.O_WRONLY | os.O_CREAT)\n"
+        "os.write(_fd, b'x')\n"
+        "os.close(_fd)\n",
+        "file written at parse time: open '",
+    ),
+    # mkstemp's os.open and then os.fdopen's FileIO(fd, "w"): the fd is resolved to its path.
+    "file_write_through_fd": (
+        "import os, tempfile\n"
+        "_fd, _path = tempfile.mkstemp(dir=os.path.dirname(__file__))\n"
+        "with os.fdopen(_fd, 'w') as _f:\n"
+        "    _f.write('x')\n",
+        "file written at parse time: open fd ",
+    ),
+    # Exactly what importlib does for a bytecode cache, but by the DAG file: still a write.
+    "file_write_like_the_bytecode_cache": (
+        "import os\n"
+        "_dir = os.path.join(os.path.dirname(__file__), '__pycache__')\n"
+        "os.makedirs(_dir, exist_ok=True)\n"
+        "_fd = os.open(os.path.join(_dir, 'fake.cpython-311.pyc.1'), os.O_CREAT | os.O_WRONLY)\n"
+        "with open(_fd, 'wb') as _f:\n"
+        "    _f.write(b'x')\n",
+        "file written at parse time: open '",
     ),
     "heavy_import": ("import redis\n", "heavy module loaded at parse time: redis"),
     # psycopg2 is already loaded by Airflow's metadata engine: caught by the import spy.
@@ -284,11 +375,23 @@ def test_probe_catches_parse_time_side_effect(tmp_path, kind):
     code, expected = BAD_MODULE_LEVEL_CODE[kind]
     dag_file = tmp_path / f"bad_{kind}.py"
     dag_file.write_text(code + DAG_TAIL)
-    problems = parse_time_problems(probe_dag_file(dag_file, dags_dir=tmp_path, repeats=1))
+    result = probe_dag_file(dag_file, dags_dir=tmp_path, repeats=1)
+    assert result["error"] is None, result["error"]  # caught for the side effect, not a crash
+    problems = parse_time_problems(result)
     assert any(expected in p for p in problems), f"{expected!r} not reported; got: {problems}"
 
 
-def test_probe_passes_a_dag_file_that_does_nothing_at_parse_time(tmp_path):
+@pytest.mark.parametrize("write_bytecode", [True, False], ids=["bytecode_on", "bytecode_off"])
+def test_probe_passes_a_dag_file_that_does_nothing_at_parse_time(tmp_path, write_bytecode):
+    """Regression: on a fresh machine (PYTHONDONTWRITEBYTECODE unset) the interpreter's own
+    ``__pycache__/*.pyc`` write (os.open, then FileIO on the fd) was reported as the DAG's."""
     dag_file = tmp_path / "quiet.py"
     dag_file.write_text(DAG_TAIL)
-    assert parse_time_problems(probe_dag_file(dag_file, dags_dir=tmp_path, repeats=1)) == []
+    result = probe_dag_file(dag_file, dags_dir=tmp_path, repeats=1, write_bytecode=write_bytecode)
+    assert parse_time_problems(result) == []
+    assert result["dont_write_bytecode"] is not write_bytecode
+    if write_bytecode:  # the cache was really written, and recognised as the interpreter's
+        assert any("__pycache__" in entry for entry in result["bytecode_cache"]), result
+        assert list((tmp_path / "__pycache__").glob("quiet.*.pyc"))
+    else:
+        assert result["bytecode_cache"] == []

@@ -85,7 +85,9 @@ def api_client(airflow_stack):
     api = airflow_stack["ALMANAC_API_URL"]
     password_file = Path(airflow_stack["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
     password = json.loads(password_file.read_text())["admin"]
-    response = requests.post(f"{api}/auth/token", json={"username": "admin", "password": password}, timeout=30)
+    response = requests.post(
+        f"{api}/auth/token", json={"username": "admin", "password": password}, timeout=30
+    )
     response.raise_for_status()
     config = airflow_client.Configuration(host=api, access_token=response.json()["access_token"])
     with airflow_client.ApiClient(config) as client:

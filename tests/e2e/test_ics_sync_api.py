@@ -4,7 +4,7 @@ requests pushed on Redis and triggers over the REST API, results checked in the 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -14,7 +14,6 @@ from tests.e2e.conftest import wait_for
 from tests.support.feed_server import FeedServer, Route
 
 pytestmark = pytest.mark.e2e
-UTC = timezone.utc
 CALENDARS = 20
 
 
@@ -90,18 +89,26 @@ def test_trigger_one_calendar_over_the_rest_api(feeds, db, api_client, wait_for_
 
     feeds.routes["/cal5.ics"] = Route(body=feed(5, events=3))
     run = runs.trigger_dag_run("ics_sync", TriggerDAGRunPostBody(logical_date=None, conf={"calendar_id": 5}))
-    done = wait_for(lambda: _finished(runs, "ics_sync", run.dag_run_id), timeout=300, what="the calendar_id run")
+    done = wait_for(
+        lambda: _finished(runs, "ics_sync", run.dag_run_id), timeout=300, what="the calendar_id run"
+    )
     assert done.state == "success"
     total = XComApi(api_client).get_xcom_entry("ics_sync", "summarize", run.dag_run_id, "return_value",
                                                deserialize=True).actual_instance.value
     assert (total["totalCalendars"], total["successCount"], total["errorCount"]) == (1, 1, 0)
     assert event_counts(db)[5] == 3
 
-    unknown = runs.trigger_dag_run("ics_sync", TriggerDAGRunPostBody(logical_date=None, conf={"calendar_id": 999}))
-    failed = wait_for(lambda: _finished(runs, "ics_sync", unknown.dag_run_id), timeout=300, what="the unknown id run")
+    unknown = runs.trigger_dag_run(
+        "ics_sync", TriggerDAGRunPostBody(logical_date=None, conf={"calendar_id": 999})
+    )
+    failed = wait_for(
+        lambda: _finished(runs, "ics_sync", unknown.dag_run_id), timeout=300, what="the unknown id run"
+    )
     assert failed.state == "failed"
     with pytest.raises(BadRequestException):  # the Param's JSON schema refuses a non-integer
-        runs.trigger_dag_run("ics_sync", TriggerDAGRunPostBody(logical_date=None, conf={"calendar_id": "five"}))
+        runs.trigger_dag_run(
+            "ics_sync", TriggerDAGRunPostBody(logical_date=None, conf={"calendar_id": "five"})
+        )
 
 
 def _finished(runs, dag_id, run_id=None):
@@ -121,10 +128,11 @@ def _quiesce(api_client, runs, dag_id):
     from airflow_client.client.exceptions import NotFoundException
     from airflow_client.client.models import DAGPatchBody
 
+    def all_finished():
+        return all(r.state in ("success", "failed") for r in runs.get_dag_runs(dag_id, limit=100).dag_runs)
+
     try:
-        listed = lambda: runs.get_dag_runs(dag_id, limit=100).dag_runs  # noqa: E731
-        wait_for(lambda: all(r.state in ("success", "failed") for r in listed()),
-                 timeout=300, what=f"{dag_id} runs to finish")
+        wait_for(all_finished, timeout=300, what=f"{dag_id} runs to finish")
         DAGApi(api_client).patch_dag(dag_id, DAGPatchBody(is_paused=True))
     except NotFoundException:
         return

@@ -3,7 +3,7 @@ with the official Python client, checked in the real application DB."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,7 +13,6 @@ pytestmark = pytest.mark.e2e
 
 DAG_ID = "invitation_cleanup"
 TASK_ID = "delete_expired_invitations"
-UTC = timezone.utc
 
 
 def _seed(db, token: str, expires: datetime) -> None:

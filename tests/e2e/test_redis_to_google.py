@@ -5,7 +5,7 @@ connected Google has them in (a local fake of) Google Calendar, through the real
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -18,7 +18,6 @@ from tests.support.fake_google import FakeGoogle
 from tests.support.feed_server import FeedServer, Route
 
 pytestmark = pytest.mark.e2e
-UTC = timezone.utc
 CALENDAR = 31
 
 
@@ -40,7 +39,9 @@ def test_a_redis_request_reaches_every_members_google_calendar(db, api_client, w
 
     with FeedServer({"/family.ics": Route(body=_feed(3))}) as feeds, FakeGoogle() as google:
         variables, connections = VariableApi(api_client), ConnectionApi(api_client)
-        settings = VariableBody(key="almanac_settings", value=json.dumps({"ics_allow_hosts": feeds.host_port}))
+        settings = VariableBody(
+            key="almanac_settings", value=json.dumps({"ics_allow_hosts": feeds.host_port})
+        )
         try:
             variables.patch_variable("almanac_settings", settings)
         except NotFoundException:
@@ -62,7 +63,9 @@ def test_a_redis_request_reaches_every_members_google_calendar(db, api_client, w
         db.execute("INSERT INTO calendars (id, tenant_id, name, source_url) VALUES (%s, 1, 'family', %s)",
                    (CALENDAR, feeds.url("/family.ics")))
         for user_id in (1, 2, 3):
-            db.execute("INSERT INTO calendar_members (calendar_id, user_id) VALUES (%s, %s)", (CALENDAR, user_id))
+            db.execute(
+                "INSERT INTO calendar_members (calendar_id, user_id) VALUES (%s, %s)", (CALENDAR, user_id)
+            )
         cipher = TokenCipher(airflow_stack["AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY"])
         connect_account(db, cipher, 1, google.grant("alice"))
         connect_account(db, cipher, 2, google.grant("bob"))
@@ -79,4 +82,5 @@ def test_a_redis_request_reaches_every_members_google_calendar(db, api_client, w
         summaries = sorted(e["summary"] for e in google.live_events("alice").values())
         assert summaries == ["Practice 0", "Practice 1", "Practice 2"]
         db.commit()
-        assert db.execute("SELECT count(*) FROM events WHERE calendar_id = %s", (CALENDAR,)).fetchone()[0] == 3
+        count = db.execute("SELECT count(*) FROM events WHERE calendar_id = %s", (CALENDAR,)).fetchone()[0]
+        assert count == 3

@@ -54,9 +54,9 @@ def test_inspect_of_a_file_that_is_not_icalendar_fails_in_one_line(tmp_path):
 def test_inspect_a_url_goes_through_the_address_guard():
     body = (CORPUS / "rie_three_events.ics").read_bytes()
     with FeedServer({"/f.ics": Route(body=body)}) as server:
-        refused = almanac("ics", "inspect", server.url("/f.ics"), "--start", "2019-01-01", "--end", "2020-01-01")
-        allowed = almanac("ics", "inspect", server.url("/f.ics"), "--start", "2019-01-01", "--end", "2020-01-01",
-                          "--allow-host", server.host_port)
+        window = ("--start", "2019-01-01", "--end", "2020-01-01")
+        refused = almanac("ics", "inspect", server.url("/f.ics"), *window)
+        allowed = almanac("ics", "inspect", server.url("/f.ics"), *window, "--allow-host", server.host_port)
     assert refused.returncode != 0
     assert "refused" in refused.stderr.lower()
     assert allowed.returncode == 0, allowed.stderr

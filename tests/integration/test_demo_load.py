@@ -4,7 +4,9 @@ from almanac.demo import DemoSpec, generate, load
 
 
 def test_loading_twice_inserts_nothing_the_second_time(db):
-    data = generate(DemoSpec(tenants=2, users_per_tenant=3, calendars_per_tenant=2, invitations_per_calendar=5))
+    data = generate(
+        DemoSpec(tenants=2, users_per_tenant=3, calendars_per_tenant=2, invitations_per_calendar=5)
+    )
     first = load(db, data)
     assert first == {"tenants": 2, "users": 6, "calendars": 4, "calendar_members": 12, "invitations": 20}
     assert load(db, data) == dict.fromkeys(first, 0)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 
 from almanac.invitations.cleanup import delete_expired_invitations
 
-UTC = timezone.utc
 CUTOFF = datetime(2026, 3, 10, 2, 0, tzinfo=UTC)
 
 

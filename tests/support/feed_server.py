@@ -77,10 +77,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: FeedServer._Server
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format, *args) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         owner = self.server.owner
         owner.requests.append(RecordedRequest("GET", self.path, {k: v for k, v in self.headers.items()}))
         route = owner.routes.get(self.path.split("?", 1)[0])

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from almanac.demo import DemoSpec, generate
 
@@ -25,7 +25,7 @@ def test_sizes_follow_the_spec():
 
 
 def test_invitations_are_created_before_the_anchor():
-    anchor = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    anchor = datetime(2026, 3, 1, tzinfo=UTC)
     data = generate(DemoSpec(anchor=anchor, invitations_per_calendar=20))
     created = [row[6] for row in data.invitations]
     assert all(c <= anchor for c in created)

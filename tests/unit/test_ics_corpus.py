@@ -9,8 +9,9 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import re
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -20,7 +21,12 @@ from almanac.ics.parse import FeedParseError, ParseResult, parse_feed
 from almanac.ics.timezones import ZoneResolver
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
-UTC = timezone.utc
+#: The files MANIFEST.md lists, read at collection: a missing manifest is a collection error, and a
+#: missing file fails its test, so an absent fixture can never turn into an empty, skipped parametrize.
+CORPUS_FILES = sorted(
+    CORPUS / name
+    for name in re.findall(r"^\| \d+ \| `([^`]+\.ics)`", (CORPUS / "MANIFEST.md").read_text(), re.M)
+)
 WIDE = (datetime(1990, 1, 1, tzinfo=UTC), datetime(2031, 1, 1, tzinfo=UTC))
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -42,7 +48,12 @@ def local_dates(instances, tz=UTC) -> list[date]:
 # --- (a) every file parses or raises FeedParseError, nothing else --------------------------
 
 
-@pytest.mark.parametrize("path", sorted(CORPUS.glob("*.ics")), ids=lambda p: p.name)
+def test_corpus_folder_holds_exactly_the_files_its_manifest_lists():
+    assert len(CORPUS_FILES) == 80, "MANIFEST.md lists 80 files"
+    assert sorted(CORPUS.glob("*.ics")) == CORPUS_FILES
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
 def test_every_corpus_file_parses_or_raises_feed_parse_error(path: Path):
     try:
         result = parse_feed(path.read_bytes(), window_start=WIDE[0], window_end=WIDE[1])
@@ -60,7 +71,7 @@ def test_every_corpus_file_parses_or_raises_feed_parse_error(path: Path):
 
 
 def test_corpus_parse_is_deterministic():
-    for path in sorted(CORPUS.glob("*.ics")):
+    for path in CORPUS_FILES:
         try:
             first = parse_feed(path.read_bytes(), window_start=WIDE[0], window_end=WIDE[1])
         except FeedParseError:
@@ -95,7 +106,9 @@ def test_rie_machbar_one_event_on_each_listed_day_and_none_else_in_those_months(
 def test_rie_dtstamp_only_change_between_two_fetches_gives_identical_instances():
     before = parse("rie_daylight_saving_time.ics")
     after = parse("rie_machbar_16_feb_2019.ics")
-    assert (CORPUS / "rie_daylight_saving_time.ics").read_bytes() != (CORPUS / "rie_machbar_16_feb_2019.ics").read_bytes()
+    assert (CORPUS / "rie_daylight_saving_time.ics").read_bytes() != (
+        CORPUS / "rie_machbar_16_feb_2019.ics"
+    ).read_bytes()
     assert {(i.uid, i.recurrence_id, i.content_hash) for i in before.instances} == {
         (i.uid, i.recurrence_id, i.content_hash) for i in after.instances
     }
@@ -104,7 +117,11 @@ def test_rie_dtstamp_only_change_between_two_fetches_gives_identical_instances()
 
 def test_rie_issue_48_dst_three_instances_on_the_afternoon_in_chicago():
     chicago = ZoneInfo("America/Chicago")
-    result = parse("rie_issue_48_dst.ics", datetime(2020, 12, 11, 10, tzinfo=chicago), datetime(2020, 12, 11, 15, tzinfo=chicago))
+    result = parse(
+        "rie_issue_48_dst.ics",
+        datetime(2020, 12, 11, 10, tzinfo=chicago),
+        datetime(2020, 12, 11, 15, tzinfo=chicago),
+    )
     assert len(result.instances) == 3
 
 
@@ -165,12 +182,14 @@ def test_rie_issue_27_exdate_in_utc_removes_one_of_three():
 
 
 def test_rie_issue_28_outlook_all_day_biweekly_with_utc_until():
-    assert len(parse("rie_issue_28_rrule_with_UTC_endinginZ.ics", utc(2020, 5, 25), utc(2020, 9, 5)).instances) == 15
-    assert len(parse("rie_issue_28_rrule_with_UTC_endinginZ.ics", utc(2020, 9, 3), utc(2020, 9, 5)).instances) == 1
+    name = "rie_issue_28_rrule_with_UTC_endinginZ.ics"
+    assert len(parse(name, utc(2020, 5, 25), utc(2020, 9, 5)).instances) == 15
+    assert len(parse(name, utc(2020, 9, 3), utc(2020, 9, 5)).instances) == 1
 
 
 def test_rie_issue_107_last_instance_in_pdt_is_kept():
-    result = parse("rie_issue_107_omitting_last_event.ics", utc(2023, 1, 30), utc(2023, 1, 30) + timedelta(days=365))
+    start = utc(2023, 1, 30)
+    result = parse("rie_issue_107_omitting_last_event.ics", start, start + timedelta(days=365))
     dates = [i.start.date() for i in result.instances]
     assert date(2023, 6, 1) in dates and dates[-1] == date(2023, 6, 8)
 
@@ -197,7 +216,10 @@ def test_rie_issue_113_rdate_period_has_its_own_length():
     vancouver = ZoneInfo("America/Vancouver")
     result = parse("rie_issue_113_period_in_rdate.ics")
     [rdate] = [i for i in result.instances if i.start.date() == date(2023, 12, 13)]
-    assert (rdate.start, rdate.end) == (datetime(2023, 12, 13, 12, tzinfo=vancouver), datetime(2023, 12, 13, 15, tzinfo=vancouver))
+    assert (rdate.start, rdate.end) == (
+        datetime(2023, 12, 13, 12, tzinfo=vancouver),
+        datetime(2023, 12, 13, 15, tzinfo=vancouver),
+    )
 
 
 def test_rie_issue_75_range_thisandfuture_moves_all_later_instances():
@@ -205,7 +227,10 @@ def test_rie_issue_75_range_thisandfuture_moves_all_later_instances():
     (The RDATE at 09-14 09:00Z is moved -3h too, to 06:00Z, as upstream's implementation does.)"""
     result = parse("rie_issue_75_range_parameter.ics", utc(2024, 9, 1), utc(2024, 9, 25, 23, 59, 59))
     assert len(result.instances) == 13
-    spans = {i.start.date(): (i.summary, i.start.strftime("%H:%M"), i.end.strftime("%H:%M")) for i in result.instances}
+    spans = {
+        i.start.date(): (i.summary, i.start.strftime("%H:%M"), i.end.strftime("%H:%M"))
+        for i in result.instances
+    }
     for day in (1, 3, 5, 7, 9, 11):
         assert spans[date(2024, 9, day)] == ("ORIGINAL EVENT", "12:00", "14:00")
     for day in (13, 17, 19):
@@ -264,7 +289,9 @@ def test_rie_duration_and_missing_dtend():
     assert (utc(2018, 1, 15, 10), utc(2018, 1, 15, 13)) in spans
     three_day = [d for d in days + [(s.date(), e.date()) for s, e in spans] if d[0] == date(2018, 1, 10)]
     assert three_day and three_day[0][1] == date(2018, 1, 13)  # covers 01-10..01-12, end exclusive
-    assert any(s.date() == date(2018, 1, 20) for s, _ in spans + days) or any(d == date(2018, 1, 20) for d, _ in days)
+    assert any(s.date() == date(2018, 1, 20) for s, _ in spans + days) or any(
+        d == date(2018, 1, 20) for d, _ in days
+    )
 
 
 def test_rie_discourse_event_without_dtend_gets_an_end():
@@ -335,7 +362,8 @@ def test_icalendar_bom_calendar_parses():
 
 
 def test_icalendar_issue_104_stray_line_is_dropped_not_fatal():
-    """Upstream (Calendar.from_ical) raises ValueError; Almanac drops the junk line, keeps the event, notes it."""
+    """Upstream (Calendar.from_ical) raises ValueError; Almanac drops the junk line, keeps the event,
+    notes it."""
     result = parse("icalendar_issue_104_broken_calendar.ics")
     assert [i.summary for i in result.instances] == ["Broken Eevnt"]
     assert any("not iCalendar content lines" in p for p in result.problems)
@@ -434,7 +462,11 @@ def test_khal_cancelled_override_is_omitted():
 def test_khal_override_without_master():
     result = parse("khal_event_dt_recuid_no_master.ics", utc(2017, 3, 1), utc(2017, 4, 1))
     [i] = result.instances
-    assert (i.summary, i.start, i.end) == ("Infrastructure Planning", utc(2017, 3, 29, 16), utc(2017, 3, 29, 16, 25))
+    assert (i.summary, i.start, i.end) == (
+        "Infrastructure Planning",
+        utc(2017, 3, 29, 16),
+        utc(2017, 3, 29, 16, 25),
+    )
     assert i.recurrence_id != ""
 
 
@@ -449,16 +481,21 @@ def test_khal_unknown_outlook_tzid_falls_back_to_the_calendar_zone():
     ny = ZoneInfo("America/New_York")
     result = parse("khal_event_dtr_notz_untilz.ics", tz="America/New_York")
     assert [i.start for i in result.instances] == [
-        datetime(2012, m, d, 13, tzinfo=ny) for m, d in ((7, 26), (8, 9), (8, 23), (9, 6), (9, 20), (10, 4), (10, 18))
+        datetime(2012, m, d, 13, tzinfo=ny)
+        for m, d in ((7, 26), (8, 9), (8, 23), (9, 6), (9, 20), (10, 4), (10, 18))
     ]
     assert any("GMT-05.00/-04.00" in p for p in result.problems)
 
 
 def test_khal_invalid_vtimezone_offset_still_shows_the_event():
-    """Upstream (khal) warns and shows it; Almanac skips the broken VTIMEZONE (problem noted), uses IANA Berlin."""
+    """Upstream (khal) warns and shows it; Almanac skips the broken VTIMEZONE (problem noted), uses
+    IANA Berlin."""
     result = parse("khal_invalid_tzoffset.ics")
     [i] = result.instances
-    assert (i.start, i.end) == (datetime(2012, 12, 2, 8, tzinfo=BERLIN), datetime(2012, 12, 2, 9, 30, tzinfo=BERLIN))
+    assert (i.start, i.end) == (
+        datetime(2012, 12, 2, 8, tzinfo=BERLIN),
+        datetime(2012, 12, 2, 9, 30, tzinfo=BERLIN),
+    )
     assert any("VTIMEZONE" in p for p in result.problems)
 
 
@@ -555,7 +592,9 @@ def test_ical4j_invalid_utf8_is_replaced_not_fatal():
     assert "\ufffd" in i.summary + i.description + i.location
 
 
-@pytest.mark.parametrize("name", ["ical4j_tmeher.ics", "ical4j_2207678.ics", "icalendar_timezone_same_start.ics"])
+@pytest.mark.parametrize(
+    "name", ["ical4j_tmeher.ics", "ical4j_2207678.ics", "icalendar_timezone_same_start.ics"]
+)
 def test_escaped_comma_in_vtimezone_tzid_matches_its_parameter(name):
     result = parse(name)
     assert result.instances
@@ -566,7 +605,9 @@ def test_escaped_comma_in_vtimezone_tzid_matches_its_parameter(name):
 
 
 def test_speed_of_the_big_google_export(capsys):
-    """Prints instances/second for rie_issue42.ics (30 days back, 365 ahead of 2019-06-01); asserts nothing on time."""
+    """Prints instances/second for rie_issue42.ics (30 days back, 365 ahead of 2019-06-01).
+
+    Asserts nothing on time."""
     body = (CORPUS / "rie_issue42.ics").read_bytes()
     anchor = utc(2019, 6, 1)
     kwargs = dict(window_start=anchor - timedelta(days=30), window_end=anchor + timedelta(days=365))
@@ -578,6 +619,7 @@ def test_speed_of_the_big_google_export(capsys):
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(25)
     with capsys.disabled():
-        print(f"\nrie_issue42.ics: {len(result.instances)} instances in {took:.2f}s = {len(result.instances) / took:,.0f}/s")
+        count = len(result.instances)
+        print(f"\nrie_issue42.ics: {count} instances in {took:.2f}s = {count / took:,.0f}/s")
         print(out.getvalue())
     assert result.instances

@@ -1,8 +1,18 @@
+"""ics_sync's batch plan: the shared ``almanac.batches.plan_batches`` cutting calendar ids.
+
+``almanac.ics.plan`` only says which calendars are due (a database query); the cut into
+batches is the shared planner, called here as ics_sync calls it.
+"""
+
 from __future__ import annotations
 
 import pytest
 
-from almanac.ics.plan import plan_batches
+from almanac.batches import plan_batches
+
+
+def plan(ids, **kwargs):
+    return plan_batches(ids, noun="calendars", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -10,22 +20,22 @@ from almanac.ics.plan import plan_batches
     [(10_000, 20, 500), (1_000, 16, 63), (100, 2, 50), (7, 1, 7), (0, 0, 0)],
 )
 def test_batches_grow_to_the_cap_before_multiplying(calendars, batches, largest):
-    planned = plan_batches(list(range(1, calendars + 1)))
+    planned = plan(list(range(1, calendars + 1)))
     assert len(planned) == batches
-    assert max((len(b["calendar_ids"]) for b in planned), default=0) == largest
+    assert max((len(b["ids"]) for b in planned), default=0) == largest
 
 
 def test_every_calendar_is_in_exactly_one_batch_in_order():
     ids = list(range(5, 2_005, 2))
-    planned = plan_batches(ids, min_size=10, max_size=100, target_count=8)
-    assert [i for b in planned for i in b["calendar_ids"]] == ids
+    planned = plan(ids, min_size=10, max_size=100, target_count=8)
+    assert [i for b in planned for i in b["ids"]] == ids
 
 
 def test_labels_name_the_id_range_and_size():
-    (only,) = plan_batches([3, 9, 27])
+    (only,) = plan([3, 9, 27])
     assert only["label"] == "calendars 3-27 (3)"
 
 
 def test_a_huge_catalogue_stays_under_airflows_map_length():
     # max_map_length is 1024 by default: 500,000 calendars at the 500 cap make 1,000 batches.
-    assert len(plan_batches(list(range(500_000)))) == 1000
+    assert len(plan(list(range(500_000)))) == 1000

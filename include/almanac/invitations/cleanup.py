@@ -74,7 +74,9 @@ def delete_expired_invitations(
         with conn.cursor() as cur:
             # set_config(..., true) is SET LOCAL with a bind parameter: this transaction only.
             cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(lock_timeout_ms)}ms",))
-            cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(statement_timeout_ms)}ms",))
+            cur.execute(
+                "SELECT set_config('statement_timeout', %s, true)", (f"{int(statement_timeout_ms)}ms",)
+            )
             while True:
                 cur.execute(_DELETE_CHUNK, params)
                 deleted += cur.rowcount

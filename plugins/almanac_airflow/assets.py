@@ -14,14 +14,22 @@ ICS_CALENDARS_CHANGED = Asset("almanac://ics/calendars-changed")
 def ics_sync_requests():
     """The Asset the product's backend feeds through Redis (see ``almanac_airflow.triggers``).
 
-    Built on call rather than at import so that only the DAG that watches it creates the
-    watcher (one watcher, one consumer of the stream).
+    One event per entry of ``almanac.ics.requests.STREAM_KEY``; the event's extra carries
+    ``{"payload": {"calendar_id": N, "request_id": "<entry id>"}}`` (read it back with
+    ``almanac.ics.requests.requested_calendar_ids``); refused entries go to
+    ``DEAD_LETTER_STREAM``. Built on call rather than at import so that only the DAG that
+    watches it creates the watcher (one watcher, one consumer of the stream).
     """
     from airflow.sdk import AssetWatcher
 
+    from almanac.ics import requests
     from almanac_airflow.triggers import RedisStreamTrigger
 
-    return Asset(
-        "almanac://ics/sync-requests",
-        watchers=[AssetWatcher(name="ics_sync_requests", trigger=RedisStreamTrigger())],
+    trigger = RedisStreamTrigger(
+        stream=requests.STREAM_KEY,
+        group=requests.CONSUMER_GROUP,
+        parser=requests.PARSER,
+        dead_letter_stream=requests.DEAD_LETTER_STREAM,
     )
+    watcher = AssetWatcher(name="ics_sync_requests", trigger=trigger)
+    return Asset("almanac://ics/sync-requests", watchers=[watcher])

@@ -1,26 +1,31 @@
-"""RedisStreamTrigger: on-demand ICS sync requests from a Redis Stream, acknowledged only once stored.
+"""RedisStreamTrigger: entries of a Redis Stream as asset events, acknowledged only once stored.
 
 Runs against the real Redis ``./dev test`` provides (``ALMANAC_REDIS_URL``, and
 ``AIRFLOW_CONN_REDIS_DEFAULT`` for the trigger's own connection). Each test uses its own
 stream key. The producer is driven directly, and through Airflow's own
 ``SharedStreamManager`` (the ack-mode machinery the triggerer runs), with
-``confirm_persisted`` standing in for the metadata-database write.
+``confirm_persisted`` standing in for the metadata-database write. Hostile entries are
+written as raw bytes (``redis_client``); the parsers are the ICS one
+(``almanac.ics.requests``) and a second format (``tests/support/stream_parsers.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import time
 import uuid
 
 import pytest
 import redis
 from airflow.sdk import Asset, AssetWatcher
-from airflow.triggers.shared_stream import SharedStreamManager
+from airflow.triggers.shared_stream import AdvanceItem, AdvanceOutcome, SharedStreamManager
 
-from almanac_airflow.requests_stream import CONSUMER_GROUP, STREAM_KEY, push_sync_request
-from almanac_airflow.triggers import RedisStreamProducer, RedisStreamTrigger, parse_request
+from almanac.ics.requests import CONSUMER_GROUP, STREAM_KEY, push_sync_request
+from almanac_airflow.triggers import RedisStreamProducer, RedisStreamTrigger
+from tests.support import stream_parsers
 
 
 @pytest.fixture
@@ -37,7 +42,17 @@ def rds():
 def stream(rds):
     key = f"test:{STREAM_KEY}:{uuid.uuid4().hex}"
     yield key
-    rds.delete(key)
+    rds.delete(key, f"{key}:dead")
+
+
+def _dead(rds, stream: str) -> list[dict]:
+    """The dead-letter entries of ``stream``, oldest first."""
+    return [fields for _, fields in rds.xrange(f"{stream}:dead")]
+
+
+def _deliveries(rds, stream: str, entry_id: str) -> int:
+    [row] = rds.xpending_range(stream, CONSUMER_GROUP, entry_id, entry_id, 1)
+    return row["times_delivered"]
 
 
 def _pending(rds, stream: str) -> int:
@@ -75,28 +90,7 @@ async def _close(producer: RedisStreamProducer, agen) -> None:
     await producer.aclose()
 
 
-# --------------------------------------------------------------------------- message format
-
-
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"calendar_id": "42"}, 42),
-    ({"payload": '{"calendar_id": 42}'}, 42),
-    ({"payload": '{"calendar_id": "42"}'}, 42),
-    ({"calendar_id": "abc"}, None),
-    ({"calendar_id": "-3"}, None),
-    ({"calendar_id": "0"}, None),
-    ({"calendar_id": "4.2"}, None),
-    ({"payload": "{not json"}, None),
-    ({"payload": '{"calendar": 42}'}, None),
-    ({"payload": '{"calendar_id": true}'}, None),
-    ({"payload": "[42]"}, None),
-    ({"other": "x"}, None),
-    ({}, None),
-])
-def test_request_fields_parse_to_a_calendar_id_or_a_reason(fields, expected):
-    calendar_id, reason = parse_request(fields)
-    assert calendar_id == expected
-    assert (reason is None) == (expected is not None)
+# --------------------------------------------------------------------------- trigger
 
 
 def test_trigger_serializes_to_an_importable_classpath_and_kwargs():
@@ -109,8 +103,39 @@ def test_trigger_serializes_to_an_importable_classpath_and_kwargs():
     assert again.shared_stream_key() == trigger.shared_stream_key()
     # The defaults are the product's stream and group; no per-process value in the kwargs,
     # so the watcher's trigger hash is stable across DAG parses.
-    assert RedisStreamTrigger().serialize()[1]["stream"] == STREAM_KEY
-    assert RedisStreamTrigger().serialize()[1]["consumer"] is None
+    defaults = RedisStreamTrigger().serialize()[1]
+    assert defaults["stream"] == STREAM_KEY
+    assert defaults["parser"] == "almanac.ics.requests.parse_request"
+    assert defaults["dead_letter_stream"] == STREAM_KEY + ":dead"
+    assert defaults["consumer"] is None
+    json.dumps(defaults)  # a trigger's kwargs are stored as JSON
+
+
+def test_trigger_takes_a_parser_function_and_stores_its_path():
+    trigger = RedisStreamTrigger(stream="almanac:notifications:wake", parser=stream_parsers.parse_wake)
+    kwargs = trigger.serialize()[1]
+    assert kwargs["parser"] == "tests.support.stream_parsers.parse_wake"
+    assert kwargs["dead_letter_stream"] == "almanac:notifications:wake:dead"
+    for bad in ("parse_wake", lambda fields: {}):
+        with pytest.raises(ValueError):
+            RedisStreamTrigger(parser=bad)
+    with pytest.raises(ValueError):
+        RedisStreamTrigger(stream="s", dead_letter_stream="s")
+
+
+def test_ics_asset_keeps_the_ics_defaults():
+    from almanac_airflow.assets import ics_sync_requests
+
+    [watcher] = ics_sync_requests().watchers
+    assert watcher.trigger.serialize() == RedisStreamTrigger().serialize()
+
+
+def test_requests_stream_module_re_exports_the_ics_names():
+    from almanac.ics import requests
+    from almanac_airflow import requests_stream
+
+    assert requests_stream.push_sync_request is requests.push_sync_request
+    assert (requests_stream.STREAM_KEY, requests_stream.CONSUMER_GROUP) == (STREAM_KEY, CONSUMER_GROUP)
 
 
 def test_trigger_is_accepted_by_an_asset_watcher():
@@ -217,14 +242,14 @@ def test_own_unacknowledged_requests_are_redelivered_at_once_by_the_same_consume
     assert [r["request_id"] for r, _ in again] == pushed
 
 
-def test_malformed_request_is_dropped_with_a_log_line_and_the_next_one_arrives(rds, stream, caplog):
+def test_malformed_request_is_dead_lettered_with_a_log_line_and_the_next_one_arrives(rds, stream, caplog):
     rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
-    bad = [
-        rds.xadd(stream, {"calendar_id": "abc"}),
-        rds.xadd(stream, {"payload": "{not json"}),
-        rds.xadd(stream, {"payload": '{"calendar": 1}'}),
-        rds.xadd(stream, {"hello": "world"}),
-    ]
+    bad = {
+        rds.xadd(stream, {"calendar_id": "abc"}): "calendar_id",
+        rds.xadd(stream, {"payload": "{not json"}): "not JSON",
+        rds.xadd(stream, {"payload": '{"calendar": 1}'}): "no calendar_id",
+        rds.xadd(stream, {"hello": "world"}): "no calendar_id or payload",
+    }
     good = push_sync_request(rds, 9, stream=stream)
 
     async def main():
@@ -242,7 +267,14 @@ def test_malformed_request_is_dropped_with_a_log_line_and_the_next_one_arrives(r
     assert request == {"calendar_id": 9, "request_id": good}
     messages = [r.getMessage() for r in caplog.records if r.name == "almanac_airflow.triggers"]
     for entry_id in bad:
-        assert any(entry_id in m and "malformed" in m for m in messages), (entry_id, messages)
+        assert any(entry_id in m and f"{stream}:dead" in m for m in messages), (entry_id, messages)
+    dead = _dead(rds, stream)
+    assert [d["entry_id"] for d in dead] == list(bad)
+    for letter, reason in zip(dead, bad.values(), strict=True):
+        assert reason in letter["reason"]
+        assert letter["stream"] == stream and letter["group"] == CONSUMER_GROUP
+        assert letter["deliveries"] == "1" and letter["truncated"] == "0"
+    assert json.loads(dead[0]["fields"]) == {"calendar_id": "abc"}  # replayable as it was
     # The malformed ones are acknowledged and gone; only the good one is pending.
     assert _pending(rds, stream) == 1
     assert [entry_id for entry_id, _ in rds.xrange(stream)] == [good]
@@ -257,7 +289,6 @@ def test_advance_acknowledges_and_deletes_clean_entries_and_keeps_failed_ones(rd
         agen = producer.open_stream()
         try:
             await _take(agen, 4)
-            from airflow.triggers.shared_stream import AdvanceItem, AdvanceOutcome
             await producer.advance([
                 AdvanceItem(ok, AdvanceOutcome(acked=1, failed=0)),
                 AdvanceItem(failed, AdvanceOutcome(acked=0, failed=1)),
@@ -271,12 +302,305 @@ def test_advance_acknowledges_and_deletes_clean_entries_and_keeps_failed_ones(rd
     pending = {p["message_id"] for p in rds.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10)}
     assert pending == {failed, nobody}
     assert {entry_id for entry_id, _ in rds.xrange(stream)} == {failed, nobody}
+    # A reject is terminal: dead-lettered, not redelivered.
+    [letter] = _dead(rds, stream)
+    assert letter["entry_id"] == rejected and letter["reason"] == "rejected by the watcher"
+    assert json.loads(letter["fields"]) == {"calendar_id": "3"}
+
+
+def _xadd_raw(client, stream: str, fields: dict) -> str:
+    return client.xadd(stream, fields).decode()
+
+
+def test_hostile_entries_are_dead_lettered_with_their_reason_and_the_valid_ones_around_them_arrive(
+        rds, redis_client, stream):
+    """Issue 6: each of these used to raise outside the reader's error handling."""
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    raw = redis_client
+    good = [push_sync_request(rds, 1, stream=stream)]
+    bad = {_xadd_raw(raw, stream, {b"calendar_id": b"\xff\xfe42"}): "field 'calendar_id' is not UTF-8"}
+    good.append(push_sync_request(rds, 2, stream=stream))
+    bad[_xadd_raw(raw, stream, {"calendar_id": "9" * 5000})] = "calendar_id: not an integer id"
+    bad[_xadd_raw(raw, stream, {"payload": "[" * 1020})] = "payload is nested too deeply"
+    bad[_xadd_raw(raw, stream, {"payload": "[" * 100_000})] = "entry too large (100007 bytes"
+    one_point_oh = _xadd_raw(raw, stream, {"payload": '{"calendar_id": 1.0}'})
+    bad[_xadd_raw(raw, stream, {"payload": '{"calendar_id": true}'})] = "calendar_id: not an integer id"
+    bad[_xadd_raw(raw, stream, {f"f{n}": "1" for n in range(40)})] = "too many fields (40 > max_fields=32)"
+    bad[_xadd_raw(raw, stream, {b"\xc3\x28": b"1", b"calendar_id": b"3"})] = (
+        "field name '\\xc3(' is not UTF-8")
+    good.append(push_sync_request(rds, 3, stream=stream))
+
+    async def main():
+        producer = _producer(stream, consumer="t1", max_entry_bytes=16_384)
+        agen = producer.open_stream()
+        try:
+            got = await _take(agen, 4)
+            assert await _nothing_more(agen)
+            await producer.advance([_clean(entry_id) for _, entry_id in got])
+        finally:
+            await _close(producer, agen)
+        return got
+
+    got = asyncio.run(main())
+    assert [(r["calendar_id"], r["request_id"]) for r, _ in got] == [
+        (1, good[0]), (2, good[1]), (1, one_point_oh), (3, good[2])]
+    assert all(type(r["calendar_id"]) is int for r, _ in got)  # 1.0 -> 1: lock key ...:1, not ...:1.0
+    dead = {d["entry_id"]: d for d in _dead(rds, stream)}
+    assert set(dead) == set(bad)
+    for entry_id, reason in bad.items():
+        assert dead[entry_id]["reason"].startswith(reason), (reason, dead[entry_id]["reason"])
+        assert len(dead[entry_id]["fields"]) < 16_384 * 2
+    first_bad = next(iter(bad))
+    assert json.loads(dead[first_bad]["fields"]) == {"calendar_id": "\\xff\\xfe42"}  # escaped, not raw
+    huge = dead[next(k for k, v in bad.items() if v.startswith("entry too large"))]
+    assert huge["truncated"] == "1" and len(json.loads(huge["fields"])["payload"]) == 16_384 - len("payload")
+    assert rds.xlen(stream) == 0 and _pending(rds, stream) == 0
+
+
+def test_hostile_entries_with_the_default_limits_are_refused_by_size(rds, stream):
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    huge = rds.xadd(stream, {"calendar_id": "9" * 5000})
+    good = push_sync_request(rds, 4, stream=stream)
+
+    async def main():
+        producer = _producer(stream, consumer="t1")
+        agen = producer.open_stream()
+        try:
+            return await _take(agen, 1)
+        finally:
+            await _close(producer, agen)
+
+    [(request, _)] = asyncio.run(main())
+    assert request == {"calendar_id": 4, "request_id": good}
+    [letter] = _dead(rds, stream)
+    assert letter["entry_id"] == huge and letter["reason"].startswith("entry too large (5011 bytes")
+
+
+def test_restart_after_a_poison_entry_does_not_crash_loop(rds, redis_client, stream):
+    """The old reader took a poison entry and died on it; the next one (same name) reads it first."""
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    poison = _xadd_raw(redis_client, stream, {b"calendar_id": b"\xff"})
+    good = push_sync_request(rds, 8, stream=stream)
+    redis_client.xreadgroup(CONSUMER_GROUP, "host:1", {stream: ">"})  # both pending on host:1
+
+    async def once():
+        producer = _producer(stream, consumer="host:1", claim_min_idle_seconds=3600)
+        agen = producer.open_stream()
+        try:
+            got = await _take(agen, 1, timeout=3)
+            assert await _nothing_more(agen)
+        finally:
+            await _close(producer, agen)  # no advance: the good one stays pending
+        return got
+
+    for _ in range(3):  # restart, restart again: the same good entry, the poison never again
+        [(request, _)] = asyncio.run(once())
+        assert request == {"calendar_id": 8, "request_id": good}
+    [letter] = _dead(rds, stream)
+    assert letter["entry_id"] == poison and "not UTF-8" in letter["reason"]
+    assert [entry_id.decode() for entry_id, _ in redis_client.xrange(stream)] == [good]
+
+
+def test_entry_that_keeps_failing_to_store_is_dead_lettered_after_max_deliveries(rds, stream):
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = push_sync_request(rds, 21, stream=stream)
+    push_sync_request(rds, 22, stream=stream)
+
+    async def main():
+        producer = _producer(stream, consumer="t1", claim_min_idle_seconds=0.1, max_deliveries=3)
+        agen = producer.open_stream()
+        delivered = []
+        try:
+            for _ in range(10):
+                try:
+                    async with asyncio.timeout(1.0):
+                        request, entry_id = await anext(agen)
+                except TimeoutError:
+                    break
+                delivered.append(request["calendar_id"])
+                if request["calendar_id"] == 22:
+                    await producer.advance([_clean(entry_id)])
+                else:
+                    await producer.advance([_failed(entry_id)])  # the metadata DB write failed
+        finally:
+            await _close(producer, agen)
+        return delivered
+
+    delivered = asyncio.run(main())
+    assert delivered.count(21) == 3 and delivered.count(22) == 1
+    [letter] = _dead(rds, stream)
+    assert letter["entry_id"] == entry and letter["deliveries"] == "4"
+    assert letter["reason"] == "delivered 4 times without being stored (max_deliveries=3)"
+    assert json.loads(letter["fields"]) == {"calendar_id": "21"}  # replayable
+    assert rds.xlen(stream) == 0 and _pending(rds, stream) == 0
+
+
+def test_entry_that_kills_the_reader_is_set_aside_after_max_deliveries(rds, stream):
+    """Valid, but every reader that took it died before the event was stored (OOM, segfault)."""
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = push_sync_request(rds, 31, stream=stream)
+    rds.xreadgroup(CONSUMER_GROUP, "host:1", {stream: ">"})
+    for _ in range(4):  # four restarts, each re-reading its pending list and dying
+        rds.xreadgroup(CONSUMER_GROUP, "host:1", {stream: "0"})
+    assert _deliveries(rds, stream, entry) == 5
+
+    async def main():
+        producer = _producer(stream, consumer="host:1", max_deliveries=5)
+        agen = producer.open_stream()
+        try:
+            assert await _nothing_more(agen)
+        finally:
+            await _close(producer, agen)
+
+    asyncio.run(main())
+    [letter] = _dead(rds, stream)
+    assert letter["entry_id"] == entry and letter["reason"].startswith("delivered 6 times")
+    assert _pending(rds, stream) == 0
+
+
+def test_entries_out_with_airflow_are_renewed_not_claimed_or_counted(rds, stream):
+    """A slow store (up to the ack timeout) must not count as redeliveries."""
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = push_sync_request(rds, 41, stream=stream)
+
+    async def main():
+        producer = _producer(stream, consumer="t1", claim_min_idle_seconds=0.5, max_deliveries=1)
+        agen = producer.open_stream()
+        try:
+            [(_, entry_id)] = await _take(agen, 1)
+            # Four claim passes; unrenewed, the entry would be claimed (and counted) by each.
+            assert await _nothing_more(agen, 2.0)
+            # Nor can another triggerer's consumer claim it (last renewed < 0.5 s ago).
+            claimed = rds.xautoclaim(stream, CONSUMER_GROUP, "other:1", 1000, "0-0")[1]
+            assert claimed == [] and _deliveries(rds, stream, entry) == 1
+        finally:
+            await agen.aclose()
+        await producer.advance([_clean(entry_id)])
+        await producer.aclose()
+
+    asyncio.run(main())
+    assert _dead(rds, stream) == [] and rds.xlen(stream) == 0
+
+
+def test_entry_deleted_while_pending_is_acknowledged_not_dead_lettered(rds, stream):
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    gone = push_sync_request(rds, 51, stream=stream)
+    good = push_sync_request(rds, 52, stream=stream)
+    rds.xreadgroup(CONSUMER_GROUP, "host:1", {stream: ">"})
+    rds.xdel(stream, gone)  # by hand: pending, but no longer in the stream
+
+    async def main():
+        producer = _producer(stream, consumer="host:1")
+        agen = producer.open_stream()
+        try:
+            return await _take(agen, 1)
+        finally:
+            await _close(producer, agen)
+
+    [(request, _)] = asyncio.run(main())
+    assert request["request_id"] == good
+    assert _dead(rds, stream) == []
+    assert [p["message_id"] for p in rds.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10)] == [good]
+
+
+def test_stale_consumers_without_pending_entries_are_removed(rds, stream):
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    rds.xreadgroup(CONSUMER_GROUP, "gone:1", {stream: ">"})  # a triggerer that restarted: nothing pending
+    push_sync_request(rds, 61, stream=stream)
+    rds.xreadgroup(CONSUMER_GROUP, "gone:2", {stream: ">"})  # died with an entry: kept until claimed
+    time.sleep(0.4)
+
+    async def main():
+        producer = _producer(stream, consumer="me:1", stale_consumer_idle_seconds=0.2,
+                             claim_min_idle_seconds=3600)
+        agen = producer.open_stream()
+        try:
+            assert await _nothing_more(agen)  # the sweep runs first
+            after_start = {c["name"] for c in rds.xinfo_consumers(stream, CONSUMER_GROUP)}
+            await asyncio.sleep(0.4)  # now this consumer is idle past the limit too (it is not reading)
+            removed_later = await producer.remove_stale_consumers()
+        finally:
+            await _close(producer, agen)
+        return after_start, removed_later
+
+    after_start, removed_later = asyncio.run(main())
+    assert after_start == {"gone:2", "me:1"}
+    assert removed_later == []  # never itself; gone:2 still owns an entry
+    assert _pending(rds, stream) == 1
+
+
+def test_a_second_stream_with_its_own_parser_uses_the_same_trigger(rds, stream):
+    """Generic: the notification dispatcher's wake-ups, through Airflow's ack machinery."""
+    wake = f"{stream}:notifications:wake"
+    rds.xgroup_create(wake, CONSUMER_GROUP, id="0", mkstream=True)
+    ics = push_sync_request(rds, 71, stream=stream)  # another stream: not read
+    one = rds.xadd(wake, {"notification_id": "7"})
+    bare = rds.xadd(wake, {"wake": "1"})
+    bad = rds.xadd(wake, {"notification_id": "seven"})
+    last = rds.xadd(wake, {"notification_id": "8"})
+    trigger = RedisStreamTrigger(stream=wake, parser=stream_parsers.PARSER, block_seconds=0.2)
+    key = trigger.shared_stream_key()
+    assert key != RedisStreamTrigger(stream=stream).shared_stream_key()
+
+    async def main():
+        manager = SharedStreamManager()
+        events_gen, events, _ = await _events_via_manager(manager, trigger, 1, 3, confirm=True)
+        await events_gen.aclose()
+        await manager.unsubscribe(1, key)
+        return events
+
+    try:
+        events = asyncio.run(main())
+        assert [e.payload for e in events] == [
+            {"notification_id": 7, "request_id": one},
+            {"request_id": bare},
+            {"notification_id": 8, "request_id": last},
+        ]
+        [letter] = _dead(rds, wake)
+        assert letter["entry_id"] == bad and letter["reason"].startswith("not an integer id")
+        assert rds.xlen(wake) == 0
+        assert [entry_id for entry_id, _ in rds.xrange(stream)] == [ics]
+    finally:
+        rds.delete(wake, f"{wake}:dead")
+
+
+def test_a_parser_bug_dead_letters_only_the_entries_it_fails_on(rds, stream, caplog):
+    rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    no_x = rds.xadd(stream, {"y": "1"})  # KeyError in the parser
+    a_list = rds.xadd(stream, {"x": "list"})  # not a dict
+    fine = rds.xadd(stream, {"x": "ok"})
+
+    async def main():
+        producer = _producer(stream, consumer="t1", parser="tests.support.stream_parsers.parse_buggy")
+        agen = producer.open_stream()
+        try:
+            return await _take(agen, 1)
+        finally:
+            await _close(producer, agen)
+
+    with caplog.at_level(logging.WARNING, logger="almanac_airflow.triggers"):
+        [(request, _)] = asyncio.run(main())
+    assert request == {"x": "ok", "request_id": fine}
+    reasons = {d["entry_id"]: d["reason"] for d in _dead(rds, stream)}
+    assert reasons == {
+        no_x: "parser tests.support.stream_parsers.parse_buggy failed: KeyError: 'x'",
+        a_list: "parser returned list, not a dict",
+    }
+
+
+def test_an_unknown_parser_fails_the_stream_loudly(stream):
+    from almanac.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        RedisStreamProducer(stream=stream, parser="tests.support.stream_parsers.nope")
 
 
 def _clean(entry_id):
-    from airflow.triggers.shared_stream import AdvanceItem, AdvanceOutcome
-
     return AdvanceItem(entry_id, AdvanceOutcome(acked=1, failed=0))
+
+
+def _failed(entry_id):
+    return AdvanceItem(entry_id, AdvanceOutcome(acked=0, failed=1))
 
 
 # --------------------------------------------------------------------------- Airflow's ack machinery

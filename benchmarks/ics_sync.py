@@ -159,40 +159,39 @@ def event_row_writes(db_url: str) -> int:
 
 def _worker(args) -> dict:
     db_url, batch, instant, allow = args
-    import psycopg
+    from almanac.batches import summarize_batch
+    from almanac.db.connect import connect
+    from almanac.ics.sync import ICS_KIND, sync_batch
 
-    from almanac.ics.sync import sync_batch
-
-    with psycopg.connect(db_url) as conn:
-        result = sync_batch(conn, batch, instant=instant, allow_hosts=frozenset([allow]))
-    summary = result.summary()
+    with connect(db_url) as conn:
+        results = sync_batch(conn, batch, instant=instant, allow_hosts=frozenset([allow]))
+    summary = summarize_batch(ICS_KIND, results)
     summary["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return summary
 
 
 def _warm_worker() -> None:
     """Import what a task imports before the clock starts (an Airflow worker is warm too)."""
-    import psycopg  # noqa: F401
+    import psycopg  # noqa: F401  (warm import)
 
-    import almanac.ics.fetch  # noqa: F401
-    import almanac.ics.parse  # noqa: F401
-    import almanac.ics.sync  # noqa: F401
+    import almanac.ics.fetch
+    import almanac.ics.parse
+    import almanac.ics.sync  # noqa: F401  (warm import)
 
 
 def run_cycle(name: str, pool, db_url: str, ids: list[int], batch_size: int, instant, allow) -> dict:
-    from almanac.ics.sync import combine_summaries
+    from almanac.batches import combine_summaries, plan_batches
+    from almanac.ics.sync import ICS_KIND
 
     if batch_size:
         batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     else:  # what the DAG's planner would cut
-        from almanac.ics.plan import plan_batches
-
-        batches = [b["calendar_ids"] for b in plan_batches(ids)]
+        batches = [b["ids"] for b in plan_batches(ids)]
     before = event_row_writes(db_url)
     started = time.perf_counter()
     summaries = pool.map(_worker, [(db_url, b, instant, allow) for b in batches], chunksize=1)
     wall = time.perf_counter() - started
-    total = combine_summaries(summaries)
+    total = combine_summaries(ICS_KIND, summaries)
     written = event_row_writes(db_url) - before
     import psycopg
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ics_sync import BENCH_TENANT, register_calendars, serve  # noqa: E402
+from ics_sync import BENCH_TENANT, register_calendars, serve
 
 
 def write_feeds(folder: Path, calendars: int, events: int) -> list[str]:

@@ -5,9 +5,10 @@ Lists the calendars due (a feed URL and sync enabled), cuts them into batches of
 (`plan_batches`), and syncs each batch in a mapped task: fetch (conditional GET, address
 guard, size and time limits), parse and expand the feed over the window (30 days back to
 365 ahead of the run's instant), then write only what changed. `summarize` returns
-`{totalCalendars, successCount, errorCount, skippedCount, eventsAdded, eventsUpdated,
-eventsDeleted, busyCount, changedCalendarIds, results, batches, failedBatches, complete}` (`results` lists calendars that changed, failed
-or were skipped; unchanged ones are only counted) and `announce_changes` emits the Asset
+`{totalCalendars, successCount, errorCount, skippedCount, busyCount, eventsAdded,
+eventsUpdated, eventsDeleted, changedCalendarIds, results, batches, failedBatches, complete}`
+(`results` lists calendars that changed, failed, were busy or skipped; unchanged ones are only
+counted; `complete` is false when any calendar failed or was busy) and `announce_changes` emits the Asset
 `almanac://ics/calendars-changed` naming the calendars that changed.
 
 ### Schedule and triggers

@@ -7,6 +7,7 @@ import os
 import psycopg
 import pytest
 
+
 def _required_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
@@ -32,9 +33,13 @@ def migrated(app_db_url: str) -> str:
 def db(migrated: str):
     """A connection to an empty application DB (every table but ``schema_migrations`` truncated)."""
     with psycopg.connect(migrated) as conn:
-        tables = [row[0] for row in conn.execute(
-            "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
-        )]
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT quote_ident(tablename) FROM pg_tables"
+                " WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+            )
+        ]
         conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
         conn.commit()
         yield conn

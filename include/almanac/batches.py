@@ -147,7 +147,11 @@ def combine_summaries(kind: Kind, summaries: Iterable[dict | None], *, planned: 
         ``complete`` (no failed item, no busy item, no failed batch).
     """
     total: dict[str, Any] = {
-        kind.total_key: 0, "successCount": 0, "errorCount": 0, "skippedCount": 0, "busyCount": 0,
+        kind.total_key: 0,
+        "successCount": 0,
+        "errorCount": 0,
+        "skippedCount": 0,
+        "busyCount": 0,
         **{name: 0 for name in kind.counters},
     }
     if kind.changed_key:
@@ -159,7 +163,14 @@ def combine_summaries(kind: Kind, summaries: Iterable[dict | None], *, planned: 
             continue
         seen += 1
         failed += bool(summary.get("batchFailed"))
-        for key in (kind.total_key, "successCount", "errorCount", "skippedCount", "busyCount", *kind.counters):
+        for key in (
+            kind.total_key,
+            "successCount",
+            "errorCount",
+            "skippedCount",
+            "busyCount",
+            *kind.counters,
+        ):
             total[key] += summary.get(key, 0)
         if kind.changed_key:
             total[kind.changed_key] += summary.get(kind.changed_key, [])
@@ -196,5 +207,7 @@ def plan_batches(
     batches = []
     for start in range(0, len(ids), size):
         chunk = list(ids[start : start + size])
-        batches.append({"label": f"{noun} {chunk[0]}-{chunk[-1]} ({len(chunk)})", "ids": chunk, **(extra or {})})
+        batches.append(
+            {"label": f"{noun} {chunk[0]}-{chunk[-1]} ({len(chunk)})", "ids": chunk, **(extra or {})}
+        )
     return batches

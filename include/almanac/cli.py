@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from almanac.errors import AlmanacError
@@ -29,10 +29,10 @@ __all__ = ["main"]
 
 def _anchor(value: str) -> datetime:
     if value == "today":
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return now.replace(hour=0, minute=0, second=0, microsecond=0)
     parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,10 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tz", default="UTC", help="zone for floating times (default UTC)")
     inspect.add_argument("--jsonl", action="store_true", help="JSON lines (the default; kept for scripts)")
     inspect.add_argument("--table", action="store_true", help="a human-readable table instead")
-    inspect.add_argument("--allow-host", action="append", default=[], help="let this host[:port] through the guard")
+    inspect.add_argument(
+        "--allow-host", action="append", default=[], help="let this host[:port] through the guard"
+    )
     sync = ics.add_parser("sync", help="sync one calendar now, as the DAG does")
     sync.add_argument("calendar_id", type=int)
-    sync.add_argument("--allow-host", action="append", default=[], help="let this host[:port] through the guard")
+    sync.add_argument(
+        "--allow-host", action="append", default=[], help="let this host[:port] through the guard"
+    )
     return parser
 
 
@@ -147,14 +151,17 @@ def _run(args: argparse.Namespace, conn) -> int:
         settings = _settings()
         # The same leases as the DAGs, so a CLI sync never races a running one.
         keeper = (
-            LeaseKeeper(connect_redis(), f"cli:{socket.gethostname()}:{os.getpid()}", ttl_s=settings.ics_lock_ttl_s)
-            if os.environ.get("ALMANAC_REDIS_URL") else nullcontext(None)
+            LeaseKeeper(
+                connect_redis(), f"cli:{socket.gethostname()}:{os.getpid()}", ttl_s=settings.ics_lock_ttl_s
+            )
+            if os.environ.get("ALMANAC_REDIS_URL")
+            else nullcontext(None)
         )
         with keeper as leases:
             results = sync_batch(
                 conn,
                 [args.calendar_id],
-                instant=datetime.now(timezone.utc),
+                instant=datetime.now(UTC),
                 settings=settings,
                 leases=leases,
                 allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
@@ -168,11 +175,11 @@ def _run(args: argparse.Namespace, conn) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from almanac.ics.parse import parse_feed
 
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     start = args.start or today - timedelta(days=30)
     end = args.end or today + timedelta(days=365)
-    window_start = datetime.combine(start, datetime.min.time(), timezone.utc)
-    window_end = datetime.combine(end, datetime.min.time(), timezone.utc)
+    window_start = datetime.combine(start, datetime.min.time(), UTC)
+    window_end = datetime.combine(end, datetime.min.time(), UTC)
     if "://" in args.source:
         from almanac.ics.fetch import fetch_feed
 

@@ -124,7 +124,9 @@ class LeaseKeeper:
         try:
             self.client.eval(_RELEASE, 1, lease.key, lease.value)
         except Exception as exc:  # Redis away: the TTL frees it
-            log.warning("could not release lease %s (%s); it expires in %.0fs", lease.key, exc, self.ttl_ms / 1000)
+            log.warning(
+                "could not release lease %s (%s); it expires in %.0fs", lease.key, exc, self.ttl_ms / 1000
+            )
 
     @contextmanager
     def hold(self, key: str) -> Iterator[Lease]:

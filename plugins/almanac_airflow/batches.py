@@ -62,7 +62,8 @@ def _counts_line(kind: Kind, summary: dict) -> str:
     counters = " ".join(f"{name}={summary.get(name, 0)}" for name in kind.counters)
     return (
         f"{summary[kind.total_key]} {kind.noun.lower()}: {summary['successCount']} ok, "
-        f"{summary['errorCount']} failed ({summary['busyCount']} busy), {summary['skippedCount']} skipped; {counters}"
+        f"{summary['errorCount']} failed ({summary['busyCount']} busy), "
+        f"{summary['skippedCount']} skipped; {counters}"
     )
 
 
@@ -103,7 +104,10 @@ def summarize_run(kind: Kind, context, *, plan_task_id: str, work_task_id: str) 
     ti.xcom_push(key="total", value=total)
     log.info(
         "%s: %s; %d of %d batch(es) failed; %s",
-        ti.dag_id, _counts_line(kind, total), total["failedBatches"], len(plan),
+        ti.dag_id,
+        _counts_line(kind, total),
+        total["failedBatches"],
+        len(plan),
         "complete" if total["complete"] else "NOT complete: see results",
     )
     if total["failedBatches"]:
@@ -113,7 +117,9 @@ def summarize_run(kind: Kind, context, *, plan_task_id: str, work_task_id: str) 
 
 def announced_ids(kind: Kind, context, *, work_task_id: str) -> list[int]:
     """The ids every batch of this run reported ``updated`` (failed batches included)."""
-    return sorted({i for s in _pulled_summaries(context["ti"], work_task_id) for i in s.get(kind.changed_key, [])})
+    return sorted(
+        {i for s in _pulled_summaries(context["ti"], work_task_id) for i in s.get(kind.changed_key, [])}
+    )
 
 
 def _resolve_kind(kind: Kind | str) -> Kind:

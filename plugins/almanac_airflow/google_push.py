@@ -122,8 +122,12 @@ def plan_push(context, asset) -> list[dict]:
         user_ids = member_ids_to_push(conn, scope)
     context["ti"].xcom_push(key="pending", value=[[cid, gen] for cid, gen in sorted(pending.items())])
     return plan_batches(
-        user_ids, noun="members", min_size=1, max_size=settings.google_push_batch_size,
-        target_count=1, extra={"calendar_ids": scope},
+        user_ids,
+        noun="members",
+        min_size=1,
+        max_size=settings.google_push_batch_size,
+        target_count=1,
+        extra={"calendar_ids": scope},
     )
 
 
@@ -167,5 +171,7 @@ def mark_pushed(context, *, plan_task_id: str = "plan_batches", summary_task_id:
     with app_db() as conn:
         cleared = clear_pushed(conn, snapshot, failed)
         conn.commit()
-    log.info("%d pending calendar(s) pushed to every member; %d still pending", cleared, len(snapshot) - cleared)
+    log.info(
+        "%d pending calendar(s) pushed to every member; %d still pending", cleared, len(snapshot) - cleared
+    )
     return cleared

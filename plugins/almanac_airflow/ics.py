@@ -28,7 +28,10 @@ def sync_work(batch: dict, context) -> list[ItemResult]:
     settings = load_settings()
     redis = redis_client()
     try:
-        with LeaseKeeper(redis, lease_owner(context), ttl_s=settings.ics_lock_ttl_s) as leases, app_db() as conn:
+        with (
+            LeaseKeeper(redis, lease_owner(context), ttl_s=settings.ics_lock_ttl_s) as leases,
+            app_db() as conn,
+        ):
             return sync_batch(
                 conn,
                 batch["ids"],

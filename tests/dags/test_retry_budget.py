@@ -80,11 +80,16 @@ def test_retries_end_inside_one_schedule_period(dagbag, dag_file):
 
 
 def test_the_budget_check_can_fail():
-    from airflow.sdk import DAG, CronTriggerTimetable
     from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG, CronTriggerTimetable
 
-    with DAG("too_slow", schedule=CronTriggerTimetable("*/5 * * * *", timezone="UTC"),
-             start_date=datetime(2026, 1, 1, tzinfo=UTC)) as dag:
-        task = EmptyOperator(task_id="t", retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True)
+    with DAG(
+        "too_slow",
+        schedule=CronTriggerTimetable("*/5 * * * *", timezone="UTC"),
+        start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    ) as dag:
+        task = EmptyOperator(
+            task_id="t", retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True
+        )
     assert schedule_period(dag) == timedelta(minutes=5)
     assert worst_case_retry_wait(task) == timedelta(minutes=7) > schedule_period(dag) / 2

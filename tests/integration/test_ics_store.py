@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from almanac.ics.store import EmptyFeedHeldError, store_instances
 
-UTC = timezone.utc
 WINDOW = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
 
 
@@ -102,7 +101,12 @@ def test_a_small_calendar_may_become_empty(calendar):
 def test_many_instances_go_in_bulk(calendar):
     start = datetime(2026, 2, 1, tzinfo=UTC)
     many = [
-        Inst("series", f"{i:05d}", starts_at=start + timedelta(hours=i), ends_at=start + timedelta(hours=i, minutes=30))
+        Inst(
+            "series",
+            f"{i:05d}",
+            starts_at=start + timedelta(hours=i),
+            ends_at=start + timedelta(hours=i, minutes=30),
+        )
         for i in range(5000)
     ]
     assert _store(calendar, many).added == 5000

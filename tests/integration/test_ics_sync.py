@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,6 @@ from almanac.leases import LeaseKeeper, lease_key
 from almanac.settings import Settings
 from tests.support.feed_server import FeedServer, Route
 
-UTC = timezone.utc
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
 # The corpus's DST feed is from 2019: anchor the run there so its events are in the window.
 INSTANT = datetime(2019, 3, 1, 12, tzinfo=UTC)
@@ -36,7 +35,8 @@ def calendars(db, server):
     db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
     for cid in range(1, 6):
         db.execute(
-            "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url) VALUES (%s, 1, %s, 'Europe/Berlin', %s)",
+            "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url)"
+            " VALUES (%s, 1, %s, 'Europe/Berlin', %s)",
             (cid, f"c{cid}", server.url(f"/cal{cid}.ics")),
         )
     db.commit()
@@ -63,8 +63,16 @@ class Run(list):
 
 def run(db, server, ids, **kw):
     kw.setdefault("settings", FAST)
-    return Run(sync_batch(db, ids, instant=kw.pop("instant", INSTANT), allow_hosts=server.allow_hosts,
-                          sleep=kw.pop("sleep", lambda s: None), **kw))
+    return Run(
+        sync_batch(
+            db,
+            ids,
+            instant=kw.pop("instant", INSTANT),
+            allow_hosts=server.allow_hosts,
+            sleep=kw.pop("sleep", lambda s: None),
+            **kw,
+        )
+    )
 
 
 def counts(result):
@@ -74,7 +82,8 @@ def counts(result):
 def events(db, cid):
     db.commit()
     return db.execute(
-        "SELECT uid, recurrence_id, content_hash, xmin::text FROM events WHERE calendar_id = %s ORDER BY 1, 2",
+        "SELECT uid, recurrence_id, content_hash, xmin::text FROM events"
+        " WHERE calendar_id = %s ORDER BY 1, 2",
         (cid,),
     ).fetchall()
 
@@ -149,7 +158,10 @@ def test_an_emptied_feed_is_held_back(db, server, calendars):
 
 def test_a_calendar_leased_by_another_run_is_busy_not_a_success(db, server, calendars, redis_client):
     calendars(1, Route(body=feed("rie_three_events.ics")))
-    with LeaseKeeper(redis_client, "ics_sync/other-run/sync_batch/0") as other, other.hold(lease_key(LEASE_JOB, 1)):
+    with (
+        LeaseKeeper(redis_client, "ics_sync/other-run/sync_batch/0") as other,
+        other.hold(lease_key(LEASE_JOB, 1)),
+    ):
         with LeaseKeeper(redis_client, "ics_sync_requested/run/sync_batch/0") as mine:
             result = run(db, server, [1], leases=mine, settings=Settings(ics_lease_wait_s=1))
     assert result[0].status == "busy" and not result[0].permanent
@@ -175,7 +187,9 @@ def test_a_busy_calendar_is_synced_once_the_other_run_lets_go(db, server, calend
     assert redis_client.exists(lease_key(LEASE_JOB, 1)) == 0  # released after the sync
 
 
-def test_a_retry_of_the_same_task_takes_over_the_lease_its_killed_try_left(db, server, calendars, redis_client):
+def test_a_retry_of_the_same_task_takes_over_the_lease_its_killed_try_left(
+    db, server, calendars, redis_client
+):
     """Regression (kill -9 mid-batch): the dead try's lock made its own retry skip the calendar."""
     calendars(1, Route(body=feed("rie_three_events.ics")))
     owner = "ics_sync/scheduled__2026/sync_batch/3"

@@ -22,7 +22,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def die_holding(owner: str) -> None:
     """A real process takes the lease and is killed with SIGKILL (no release, no more renewals)."""
-    done = subprocess.run([sys.executable, "-c", _DIE_HOLDING], env={**os.environ, "OWNER": owner, "KEY": KEY})
+    done = subprocess.run(
+        [sys.executable, "-c", _DIE_HOLDING], env={**os.environ, "OWNER": owner, "KEY": KEY}
+    )
     assert done.returncode == -9
 
 

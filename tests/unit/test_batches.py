@@ -18,10 +18,25 @@ def test_summary_counts_each_status_and_lists_all_but_unchanged():
         ItemResult(5, "error", error="bad", permanent=True),
     ]
     summary = summarize_batch(KIND, results, failure_percent=50)
-    assert {k: summary[k] for k in ("totalCalendars", "successCount", "errorCount", "skippedCount", "busyCount",
-                                    "eventsAdded", "changedCalendarIds")} == {
-        "totalCalendars": 5, "successCount": 2, "errorCount": 2, "skippedCount": 1, "busyCount": 1,
-        "eventsAdded": 3, "changedCalendarIds": [1],
+    assert {
+        k: summary[k]
+        for k in (
+            "totalCalendars",
+            "successCount",
+            "errorCount",
+            "skippedCount",
+            "busyCount",
+            "eventsAdded",
+            "changedCalendarIds",
+        )
+    } == {
+        "totalCalendars": 5,
+        "successCount": 2,
+        "errorCount": 2,
+        "skippedCount": 1,
+        "busyCount": 1,
+        "eventsAdded": 3,
+        "changedCalendarIds": [1],
     }
     assert [r["calendarId"] for r in summary["results"]] == [1, 3, 4, 5]
     assert summary["results"][0] == {"calendarId": 1, "status": "updated", "eventsAdded": 3, "error": None}
@@ -41,7 +56,12 @@ def test_combine_counts_missing_batches_as_failed_and_says_when_incomplete():
     a = summarize_batch(KIND, [ItemResult(1, "updated", {"eventsAdded": 1})])
     b = summarize_batch(KIND, [ItemResult(2, "busy"), ItemResult(3, "unchanged")])  # 50%: not failed
     total = combine_summaries(KIND, [a, b, None], planned=3)
-    assert (total["totalCalendars"], total["busyCount"], total["batches"], total["failedBatches"]) == (3, 1, 2, 1)
+    assert (total["totalCalendars"], total["busyCount"], total["batches"], total["failedBatches"]) == (
+        3,
+        1,
+        2,
+        1,
+    )
     assert total["changedCalendarIds"] == [1] and total["complete"] is False
     clean = combine_summaries(KIND, [a], planned=1)
     assert clean["complete"] is True and clean["failedBatches"] == 0
@@ -56,13 +76,32 @@ def test_plan_grows_batches_before_adding_more():
     assert plan_batches([]) == []
 
 
-@pytest.mark.parametrize("value, expected", [(1, 1), (1.0, 1), ("42", 42), (" 7 ", 7), (2**63 - 1, 2**63 - 1)])
+@pytest.mark.parametrize(
+    "value, expected", [(1, 1), (1.0, 1), ("42", 42), (" 7 ", 7), (2**63 - 1, 2**63 - 1)]
+)
 def test_integer_ids_are_exact_integers(value, expected):
     got = as_entity_id(value)
     assert got == expected and type(got) is int
 
 
-@pytest.mark.parametrize("value", [True, 0, -3, 1.5, "1.0", "x", "٣", pytest.param("9" * 5000, id="5000-digit-text"), pytest.param(10**5000, id="5000-digit-int"), 2**63, None, [1], {"a": 1}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        0,
+        -3,
+        1.5,
+        "1.0",
+        "x",
+        "٣",
+        pytest.param("9" * 5000, id="5000-digit-text"),
+        pytest.param(10**5000, id="5000-digit-int"),
+        2**63,
+        None,
+        [1],
+        {"a": 1},
+    ],
+)
 def test_anything_else_is_refused_with_a_value_error(value):
     with pytest.raises(ValueError):
         as_entity_id(value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,7 +10,6 @@ import pytest
 from almanac.errors import PermanentError
 from almanac.ics.parse import FeedParseError, parse_feed
 
-UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 
@@ -41,7 +40,11 @@ SUMMARY:Weekly
 
 
 def test_single_event_has_empty_recurrence_id_and_aware_start_in_its_zone():
-    [i] = parse(feed("UID:a\nDTSTART;TZID=Europe/Berlin:20240301T100000\nDTEND;TZID=Europe/Berlin:20240301T113000\nSUMMARY:One")).instances
+    [i] = parse(
+        feed(
+            "UID:a\nDTSTART;TZID=Europe/Berlin:20240301T100000\nDTEND;TZID=Europe/Berlin:20240301T113000\nSUMMARY:One"
+        )
+    ).instances
     assert (i.uid, i.recurrence_id, i.summary, i.status, i.all_day) == ("a", "", "One", "confirmed", False)
     assert i.start == datetime(2024, 3, 1, 10, tzinfo=BERLIN) and i.start.tzinfo == BERLIN
     assert (i.starts_at, i.ends_at) == (utc(2024, 3, 1, 9), utc(2024, 3, 1, 10, 30))
@@ -50,13 +53,23 @@ def test_single_event_has_empty_recurrence_id_and_aware_start_in_its_zone():
 def test_rrule_instances_have_utc_recurrence_ids_of_their_original_start():
     result = parse(feed(WEEKLY))
     assert [i.recurrence_id for i in result.instances] == [
-        "20240101T090000Z", "20240108T090000Z", "20240115T090000Z", "20240122T090000Z"
+        "20240101T090000Z",
+        "20240108T090000Z",
+        "20240115T090000Z",
+        "20240122T090000Z",
     ]
 
 
 def test_dtstamp_only_change_keeps_every_content_hash():
     before = parse(feed(WEEKLY))
-    after = parse(feed(WEEKLY.replace("DTSTAMP:20240101T000000Z", "DTSTAMP:20250505T050505Z\nSEQUENCE:3\nLAST-MODIFIED:20250101T000000Z")))
+    after = parse(
+        feed(
+            WEEKLY.replace(
+                "DTSTAMP:20240101T000000Z",
+                "DTSTAMP:20250505T050505Z\nSEQUENCE:3\nLAST-MODIFIED:20250101T000000Z",
+            )
+        )
+    )
     assert [(i.uid, i.recurrence_id, i.content_hash) for i in before.instances] == [
         (i.uid, i.recurrence_id, i.content_hash) for i in after.instances
     ]
@@ -65,7 +78,9 @@ def test_dtstamp_only_change_keeps_every_content_hash():
 def test_summary_change_changes_every_content_hash():
     before = parse(feed(WEEKLY))
     after = parse(feed(WEEKLY.replace("SUMMARY:Weekly", "SUMMARY:Weekly!")))
-    assert all(a.content_hash != b.content_hash for a, b in zip(before.instances, after.instances, strict=True))
+    assert all(
+        a.content_hash != b.content_hash for a, b in zip(before.instances, after.instances, strict=True)
+    )
 
 
 def test_window_keeps_instances_starting_inside_it_only():
@@ -75,7 +90,9 @@ def test_window_keeps_instances_starting_inside_it_only():
 
 def test_exdate_removes_an_instance():
     result = parse(feed(WEEKLY + "EXDATE;TZID=Europe/Berlin:20240108T100000"))
-    assert len(result.instances) == 3 and "20240108T090000Z" not in {i.recurrence_id for i in result.instances}
+    assert len(result.instances) == 3 and "20240108T090000Z" not in {
+        i.recurrence_id for i in result.instances
+    }
 
 
 def test_rdate_adds_an_instance():
@@ -90,7 +107,11 @@ def test_rdate_period_gives_the_instance_its_own_end():
 
 
 def test_override_moves_one_instance_and_keeps_its_original_recurrence_id():
-    override = "UID:w1\nRECURRENCE-ID;TZID=Europe/Berlin:20240108T100000\nDTSTART;TZID=Europe/Berlin:20240109T120000\nDTEND;TZID=Europe/Berlin:20240109T130000\nSUMMARY:Moved\nSEQUENCE:1"
+    override = (
+        "UID:w1\nRECURRENCE-ID;TZID=Europe/Berlin:20240108T100000\n"
+        "DTSTART;TZID=Europe/Berlin:20240109T120000\nDTEND;TZID=Europe/Berlin:20240109T130000\n"
+        "SUMMARY:Moved\nSEQUENCE:1"
+    )
     result = parse(feed(WEEKLY, override))
     moved = {i.recurrence_id: i for i in result.instances}["20240108T090000Z"]
     assert (moved.summary, moved.starts_at) == ("Moved", utc(2024, 1, 9, 11))
@@ -98,38 +119,61 @@ def test_override_moves_one_instance_and_keeps_its_original_recurrence_id():
 
 
 def test_override_before_its_master_in_the_file_still_applies():
-    override = "UID:w1\nRECURRENCE-ID:20240108T090000Z\nDTSTART:20240108T150000Z\nDTEND:20240108T160000Z\nSUMMARY:Moved"
+    override = (
+        "UID:w1\nRECURRENCE-ID:20240108T090000Z\nDTSTART:20240108T150000Z\n"
+        "DTEND:20240108T160000Z\nSUMMARY:Moved"
+    )
     result = parse(feed(override, WEEKLY))
     assert {i.recurrence_id: i.summary for i in result.instances}["20240108T090000Z"] == "Moved"
 
 
 def test_range_thisandfuture_moves_later_instances_too():
-    override = "UID:w1\nRECURRENCE-ID;RANGE=THISANDFUTURE:20240115T090000Z\nDTSTART:20240115T120000Z\nDTEND:20240115T130000Z\nSUMMARY:Later"
+    override = (
+        "UID:w1\nRECURRENCE-ID;RANGE=THISANDFUTURE:20240115T090000Z\nDTSTART:20240115T120000Z\n"
+        "DTEND:20240115T130000Z\nSUMMARY:Later"
+    )
     result = parse(feed(WEEKLY, override))
     by_rid = {i.recurrence_id: i for i in result.instances}
     assert by_rid["20240108T090000Z"].starts_at == utc(2024, 1, 8, 9)
-    assert (by_rid["20240115T090000Z"].summary, by_rid["20240115T090000Z"].starts_at) == ("Later", utc(2024, 1, 15, 12))
-    assert (by_rid["20240122T090000Z"].summary, by_rid["20240122T090000Z"].starts_at) == ("Later", utc(2024, 1, 22, 12))
+    assert (by_rid["20240115T090000Z"].summary, by_rid["20240115T090000Z"].starts_at) == (
+        "Later",
+        utc(2024, 1, 15, 12),
+    )
+    assert (by_rid["20240122T090000Z"].summary, by_rid["20240122T090000Z"].starts_at) == (
+        "Later",
+        utc(2024, 1, 22, 12),
+    )
 
 
 def test_x_wr_timezone_keeps_range_thisandfuture_on_a_utc_recurrence_id():
     """x_wr_timezone rebuilds a UTC RECURRENCE-ID in the calendar zone and drops its RANGE parameter."""
     master = "UID:r\nDTSTART:20240101T090000Z\nDTEND:20240101T100000Z\nRRULE:FREQ=WEEKLY;COUNT=4\nSUMMARY:A"
-    override = "UID:r\nRECURRENCE-ID;RANGE=THISANDFUTURE:20240115T090000Z\nDTSTART:20240115T120000Z\nDTEND:20240115T130000Z\nSUMMARY:B"
+    override = (
+        "UID:r\nRECURRENCE-ID;RANGE=THISANDFUTURE:20240115T090000Z\nDTSTART:20240115T120000Z\n"
+        "DTEND:20240115T130000Z\nSUMMARY:B"
+    )
     result = parse(feed(master, override, header="X-WR-TIMEZONE:Europe/Berlin\n"))
     assert [i.summary for i in result.instances] == ["A", "A", "B", "B"]
     assert result.instances[-1].starts_at == utc(2024, 1, 22, 12)
 
 
 def test_cancelled_override_omits_that_instance():
-    override = "UID:w1\nRECURRENCE-ID:20240108T090000Z\nDTSTART:20240108T090000Z\nDTEND:20240108T100000Z\nSTATUS:CANCELLED\nSEQUENCE:2"
+    override = (
+        "UID:w1\nRECURRENCE-ID:20240108T090000Z\nDTSTART:20240108T090000Z\n"
+        "DTEND:20240108T100000Z\nSTATUS:CANCELLED\nSEQUENCE:2"
+    )
     result = parse(feed(WEEKLY, override))
     assert "20240108T090000Z" not in {i.recurrence_id for i in result.instances}
     assert len(result.instances) == 3
 
 
 def test_cancelled_event_is_omitted_and_tentative_is_kept():
-    result = parse(feed("UID:c\nDTSTART:20240101T100000Z\nSTATUS:CANCELLED", "UID:t\nDTSTART:20240101T100000Z\nSTATUS:TENTATIVE"))
+    result = parse(
+        feed(
+            "UID:c\nDTSTART:20240101T100000Z\nSTATUS:CANCELLED",
+            "UID:t\nDTSTART:20240101T100000Z\nSTATUS:TENTATIVE",
+        )
+    )
     assert [(i.uid, i.status) for i in result.instances] == [("t", "tentative")]
 
 
@@ -141,7 +185,10 @@ def test_all_day_event_is_a_date_with_exclusive_end():
 
 def test_recurring_all_day_event_has_date_recurrence_ids():
     result = parse(feed("UID:d\nDTSTART;VALUE=DATE:20240301\nRRULE:FREQ=DAILY;COUNT=2"))
-    assert [(i.recurrence_id, i.end) for i in result.instances] == [("20240301", date(2024, 3, 2)), ("20240302", date(2024, 3, 3))]
+    assert [(i.recurrence_id, i.end) for i in result.instances] == [
+        ("20240301", date(2024, 3, 2)),
+        ("20240302", date(2024, 3, 3)),
+    ]
 
 
 def test_missing_dtend_on_a_timed_event_means_zero_length():
@@ -155,12 +202,15 @@ def test_duration_gives_the_end():
 
 
 def test_floating_time_is_read_in_the_calendar_zone():
-    [i] = parse(feed("UID:f\nDTSTART:20240301T100000\nDTEND:20240301T110000"), tz="America/New_York").instances
+    [i] = parse(
+        feed("UID:f\nDTSTART:20240301T100000\nDTEND:20240301T110000"), tz="America/New_York"
+    ).instances
     assert i.start == datetime(2024, 3, 1, 10, tzinfo=NEW_YORK)
 
 
 def test_floating_until_is_read_in_the_zone_of_the_start():
-    """recurring_ical_events reads a floating UNTIL as UTC: 10:00 New York (15:00Z) > 10:00Z loses the last one."""
+    """recurring_ical_events reads a floating UNTIL as UTC: 10:00 New York (15:00Z) > 10:00Z
+    loses the last one."""
     body = feed("UID:f\nDTSTART:20240101T100000\nRRULE:FREQ=DAILY;UNTIL=20240103T100000")
     assert len(parse(body, tz="America/New_York").instances) == 3
 
@@ -176,7 +226,9 @@ def test_windows_zone_name_is_mapped_to_iana():
 
 
 def test_outlook_display_name_is_mapped_to_iana():
-    [i] = parse(feed('UID:w\nDTSTART;TZID="(UTC-05:00) Eastern Time (US & Canada)":20240701T100000')).instances
+    [i] = parse(
+        feed('UID:w\nDTSTART;TZID="(UTC-05:00) Eastern Time (US & Canada)":20240701T100000')
+    ).instances
     assert i.start.tzinfo == NEW_YORK
 
 
@@ -190,7 +242,11 @@ def test_custom_vtimezone_is_per_feed_not_shared_between_feeds():
     """icalendar caches a custom VTIMEZONE process-wide by TZID: the first feed's definition would win."""
 
     def custom(offset: str) -> bytes:
-        tz = f"BEGIN:VTIMEZONE\nTZID:Customized Time Zone\nBEGIN:STANDARD\nDTSTART:16010101T000000\nTZOFFSETFROM:{offset}\nTZOFFSETTO:{offset}\nEND:STANDARD\nEND:VTIMEZONE\n"
+        tz = (
+            f"BEGIN:VTIMEZONE\nTZID:Customized Time Zone\nBEGIN:STANDARD\n"
+            f"DTSTART:16010101T000000\nTZOFFSETFROM:{offset}\nTZOFFSETTO:{offset}\nEND:STANDARD\n"
+            f"END:VTIMEZONE\n"
+        )
         return feed("UID:c\nDTSTART;TZID=Customized Time Zone:20240701T100000", header=tz)
 
     assert parse(custom("+0300")).instances[0].starts_at == utc(2024, 7, 1, 7)
@@ -198,7 +254,9 @@ def test_custom_vtimezone_is_per_feed_not_shared_between_feeds():
 
 
 def test_nonexistent_local_time_moves_forward_by_the_gap():
-    [i] = parse(feed("UID:g\nDTSTART;TZID=Europe/Berlin:20240331T023000\nDTEND;TZID=Europe/Berlin:20240331T033000")).instances
+    [i] = parse(
+        feed("UID:g\nDTSTART;TZID=Europe/Berlin:20240331T023000\nDTEND;TZID=Europe/Berlin:20240331T033000")
+    ).instances
     assert i.starts_at == utc(2024, 3, 31, 1, 30)
     assert (i.start.hour, i.start.minute, i.start.utcoffset()) == (3, 30, timedelta(hours=2))
 
@@ -222,23 +280,39 @@ def test_event_without_uid_gets_a_stable_derived_uid():
 
 
 def test_duplicate_uid_highest_sequence_wins():
-    result = parse(feed("UID:d\nDTSTART:20240301T100000Z\nSUMMARY:new\nSEQUENCE:2", "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:old\nSEQUENCE:1"))
+    result = parse(
+        feed(
+            "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:new\nSEQUENCE:2",
+            "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:old\nSEQUENCE:1",
+        )
+    )
     assert [i.summary for i in result.instances] == ["new"]
 
 
 def test_duplicate_uid_same_sequence_last_in_file_wins():
     """recurring_ical_events keeps the FIRST of equal SEQUENCE; Almanac keeps the last."""
-    result = parse(feed("UID:d\nDTSTART:20240301T100000Z\nSUMMARY:first", "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:last"))
+    result = parse(
+        feed(
+            "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:first", "UID:d\nDTSTART:20240301T100000Z\nSUMMARY:last"
+        )
+    )
     assert [i.summary for i in result.instances] == ["last"]
 
 
 def test_override_without_master_is_an_instance():
-    [i] = parse(feed("UID:o\nRECURRENCE-ID:20240301T100000Z\nDTSTART:20240301T120000Z\nSUMMARY:Orphan")).instances
+    [i] = parse(
+        feed("UID:o\nRECURRENCE-ID:20240301T100000Z\nDTSTART:20240301T120000Z\nSUMMARY:Orphan")
+    ).instances
     assert (i.recurrence_id, i.starts_at) == ("20240301T100000Z", utc(2024, 3, 1, 12))
 
 
 def test_bad_rrule_skips_that_series_only_and_notes_a_problem():
-    result = parse(feed("UID:bad\nDTSTART:20240301T100000Z\nRRULE:FREQ=WEEKLY;UNTL=2024", "UID:good\nDTSTART:20240301T100000Z"))
+    result = parse(
+        feed(
+            "UID:bad\nDTSTART:20240301T100000Z\nRRULE:FREQ=WEEKLY;UNTL=2024",
+            "UID:good\nDTSTART:20240301T100000Z",
+        )
+    )
     assert [i.uid for i in result.instances] == ["good"]
     assert any("bad" in p for p in result.problems)
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from almanac.errors import PermanentError, RetryableError
 from almanac.retry import MAX_RETRY_AFTER_S, RetryPolicy, parse_retry_after, retry_call
 
-NOW = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(

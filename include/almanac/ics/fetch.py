@@ -253,8 +253,10 @@ def check_address(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> IPA
         raise FeedUnavailableError(f"feed host {host} does not resolve: {exc}", host=host) from exc
     if not addresses:
         raise FeedUnavailableError(f"feed host {host} does not resolve", host=host)
-    allowed = host in allow_hosts or f"{host}:{port}" in allow_hosts or (
-        parts.port is not None and f"{host}:{parts.port}" in allow_hosts
+    allowed = (
+        host in allow_hosts
+        or f"{host}:{port}" in allow_hosts
+        or (parts.port is not None and f"{host}:{parts.port}" in allow_hosts)
     )
     if not allowed:
         for ip in addresses:
@@ -370,13 +372,17 @@ def fetch_feed(
     if last_modified:
         headers["If-Modified-Since"] = last_modified
     try:
-        for hop in range(max_redirects + 1):
+        for _hop in range(max_redirects + 1):
             host = urlsplit(current).hostname or ""
             ip = check_address(current, allow_hosts=allow_hosts)
             remaining = _remaining(started, deadline, host)
             response = _send(
-                session, current, ip, headers,
-                timeout=(min(connect_timeout, remaining), min(read_timeout, remaining)), host=host,
+                session,
+                current,
+                ip,
+                headers,
+                timeout=(min(connect_timeout, remaining), min(read_timeout, remaining)),
+                host=host,
             )
             with response:
                 status = response.status_code
@@ -394,7 +400,8 @@ def fetch_feed(
         host = urlsplit(current).hostname or ""
         raise FeedTooManyRedirectsError(
             f"feed redirected more than {max_redirects} times (last host {host})",
-            host=host, max_redirects=max_redirects,
+            host=host,
+            max_redirects=max_redirects,
         )
     finally:
         if own_session:
@@ -435,15 +442,22 @@ def _finish(response, url, host, etag, last_modified, started, deadline, max_byt
             )
         log.info("feed host %s: not modified", host)
         return FetchResult(
-            url=url, status=status, body=None, etag=new_etag or etag,
-            last_modified=new_last_modified or last_modified, not_modified=True, body_sha256=None,
+            url=url,
+            status=status,
+            body=None,
+            etag=new_etag or etag,
+            last_modified=new_last_modified or last_modified,
+            not_modified=True,
+            body_sha256=None,
         )
     if status == 429 or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         raise FeedUnavailableError(
             f"feed host {host} answered {status}"
             + (f", retry after {retry_after:g}s" if retry_after is not None else ""),
-            host=host, status=status, retry_after=retry_after,
+            host=host,
+            status=status,
+            retry_after=retry_after,
         )
     if not 200 <= status < 300:
         raise FeedHttpError(f"feed host {host} answered {status}", host=host, status=status)
@@ -453,12 +467,19 @@ def _finish(response, url, host, etag, last_modified, started, deadline, max_byt
         raise FeedNotICalendarError(
             f"feed host {host}: body is not iCalendar (Content-Type {content_type or 'absent'}, "
             f"{len(body)} bytes)",
-            host=host, status=status, content_type=content_type,
+            host=host,
+            status=status,
+            content_type=content_type,
         )
     log.info("feed host %s: %d bytes", host, len(body))
     return FetchResult(
-        url=url, status=status, body=body, etag=new_etag, last_modified=new_last_modified,
-        not_modified=False, body_sha256=hashlib.sha256(body).hexdigest(),
+        url=url,
+        status=status,
+        body=body,
+        etag=new_etag,
+        last_modified=new_last_modified,
+        not_modified=False,
+        body_sha256=hashlib.sha256(body).hexdigest(),
     )
 
 
@@ -488,7 +509,9 @@ def _read_body(response, host: str, started: float, deadline: float, max_bytes: 
         raise FeedNotICalendarError(
             f"feed host {host}: body could not be decompressed "
             f"(Content-Encoding {response.headers.get('Content-Encoding')})",
-            host=host, status=response.status_code, content_type=response.headers.get("Content-Type"),
+            host=host,
+            status=response.status_code,
+            content_type=response.headers.get("Content-Type"),
         ) from exc
     except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
         raise FeedTimeoutError(f"feed host {host}: body read timed out", host=host) from exc

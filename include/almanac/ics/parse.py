@@ -118,7 +118,12 @@ def parse_feed(
         tops = _read_components(text, problems)
         events = _prepare_events(tops, default_tz, problems)
         instances = _expand(
-            events, window_start.astimezone(UTC), window_end.astimezone(UTC), default_tz, max_instances, problems
+            events,
+            window_start.astimezone(UTC),
+            window_end.astimezone(UTC),
+            default_tz,
+            max_instances,
+            problems,
         )
     return ParseResult(instances=instances, problems=problems)
 
@@ -144,7 +149,7 @@ def _decode(body: bytes) -> str:
 def _read_components(text: str, problems: list[str]) -> list[icalendar.Component]:
     try:
         components = icalendar.Component.from_ical(text, multiple=True)
-    except Exception as e:  # noqa: BLE001 - any parser failure: fall back to reading per component
+    except Exception as e:  # any parser failure: fall back to reading per component
         problems.append(f"the feed is malformed ({_short(e)}); read it component by component")
         components = _read_leniently(text, problems)
     components = [c for c in components if c.name in ("VCALENDAR", "VEVENT")]
@@ -199,13 +204,15 @@ def _read_leniently(text: str, problems: list[str]) -> list[icalendar.Component]
     result: list[icalendar.Component] = []
     for props, blocks in [*calendars, ([], loose)] if loose else calendars:
         try:
-            calendar = icalendar.Calendar.from_ical("BEGIN:VCALENDAR\n" + "\n".join(props) + "\nEND:VCALENDAR\n")
-        except Exception:  # noqa: BLE001 - calendar properties are optional for us
+            calendar = icalendar.Calendar.from_ical(
+                "BEGIN:VCALENDAR\n" + "\n".join(props) + "\nEND:VCALENDAR\n"
+            )
+        except Exception:  # calendar properties are optional for us
             calendar = icalendar.Calendar()
         for name, block_lines in blocks:
             try:
                 calendar.add_component(icalendar.Component.from_ical("\n".join(block_lines) + "\n"))
-            except Exception as e:  # noqa: BLE001 - one unreadable component must not lose the rest
+            except Exception as e:  # one unreadable component must not lose the rest
                 problems.append(f"skipped a {name} that could not be read ({_short(e)})")
         result.append(calendar)
     return result
@@ -278,7 +285,7 @@ def _repair_broken(event: icalendar.Event, problems: list[str]) -> None:
         raw = str(rule)
         try:  # e.g. "BYDAY=MO, TU, WE" (Exchange CDO)
             rules.append(vRecur.from_ical(re.sub(r"\s+", "", raw)))
-        except Exception:  # noqa: BLE001 - unrepairable: the series is skipped when expanded
+        except Exception:  # unrepairable: the series is skipped when expanded
             rules.append(rule)
     if rules:
         event["RRULE"] = rules if len(rules) > 1 else rules[0]
@@ -297,7 +304,7 @@ def _repair_broken(event: icalendar.Event, problems: list[str]) -> None:
                     text = text[:8]
                 try:
                     dts.append(vDDDTypes.from_ical(text) if text else None)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     dts.append(None)
             good = [dt for dt in dts if dt is not None]
             if len(good) != len(dts):
@@ -315,7 +322,7 @@ def _repair_broken(event: icalendar.Event, problems: list[str]) -> None:
         if match:  # DTSTART;TZID="W. Europe Standard Time:20200609T090000" (Exchange)
             try:
                 repaired = vDDDTypes(vDDDTypes.from_ical(match.group(2)))
-            except Exception:  # noqa: BLE001 - left broken: the event is skipped with a problem
+            except Exception:  # left broken: the event is skipped with a problem
                 continue
             repaired.params.update({k: v for k, v in value.params.items() if k != "TZID"})
             repaired.params["TZID"] = match.group(1)
@@ -326,7 +333,9 @@ def _repair_broken(event: icalendar.Event, problems: list[str]) -> None:
             del event[name]
 
 
-def _apply_tzids(event: icalendar.Event, resolver: ZoneResolver, default_tz: tzinfo, unknown: set[str]) -> None:
+def _apply_tzids(
+    event: icalendar.Event, resolver: ZoneResolver, default_tz: tzinfo, unknown: set[str]
+) -> None:
     """Attach OUR zone (per feed) to every value written with a TZID, keeping its wall time."""
 
     def zone(tzid: str) -> tzinfo:
@@ -351,7 +360,9 @@ def _apply_tzids(event: icalendar.Event, resolver: ZoneResolver, default_tz: tzi
         event[name] = changed if isinstance(event[name], list) else changed[0]
 
 
-def _x_wr_timezone(calendar: icalendar.Component, resolver: ZoneResolver, problems: list[str]) -> tzinfo | None:
+def _x_wr_timezone(
+    calendar: icalendar.Component, resolver: ZoneResolver, problems: list[str]
+) -> tzinfo | None:
     value = calendar.get("X-WR-TIMEZONE")
     if value is None or calendar.name != "VCALENDAR":
         return None
@@ -374,7 +385,8 @@ def _finish_event(event: icalendar.Event, default_tz: tzinfo, problems: list[str
         if not any(_has_floating(v) for v in values):
             continue
         changed = [
-            _map_value(v, lambda dt: dt.replace(tzinfo=default_tz) if dt.tzinfo is None else dt) for v in values
+            _map_value(v, lambda dt: dt.replace(tzinfo=default_tz) if dt.tzinfo is None else dt)
+            for v in values
         ]
         event[name] = changed if isinstance(event[name], list) else changed[0]
     if _RANGE_STASH in event:
@@ -432,17 +444,21 @@ def _expand(
     capped = False
     for uid, by_rid in series.items():
         try:
-            for instance in _expand_series(uid, [e for _, e in by_rid.values()], window_start, window_end, default_tz):
+            for instance in _expand_series(
+                uid, [e for _, e in by_rid.values()], window_start, window_end, default_tz
+            ):
                 key = (instance.uid, instance.recurrence_id)
                 if key in found:
                     if found[key] != instance:
-                        problems.append(f"event {uid[:80]}: two instances with recurrence id {key[1]!r}; kept one")
+                        problems.append(
+                            f"event {uid[:80]}: two instances with recurrence id {key[1]!r}; kept one"
+                        )
                     continue
                 found[key] = instance
                 if len(found) > max_instances:
                     capped = True
                     break
-        except Exception as e:  # noqa: BLE001 - one bad series must not lose the rest of the feed
+        except Exception as e:  # one bad series must not lose the rest of the feed
             problems.append(f"event {uid[:80]}: skipped ({_short(e)})")
         if capped:
             break
@@ -454,17 +470,21 @@ def _expand(
 
 
 def _expand_series(
-    uid: str, components: list[icalendar.Event], window_start: datetime, window_end: datetime, default_tz: tzinfo
+    uid: str,
+    components: list[icalendar.Event],
+    window_start: datetime,
+    window_end: datetime,
+    default_tz: tzinfo,
 ) -> Iterator[Instance]:
     adapters = [EventAdapter(c) for c in components]
     master = next((a for a in adapters if not a.is_modification()), None)
-    recurring = master is not None and ("RRULE" in master._component or "RDATE" in master._component)  # noqa: SLF001
-    all_day_series = master is not None and not isinstance(master._component["DTSTART"].dt, datetime)  # noqa: SLF001
+    recurring = master is not None and ("RRULE" in master._component or "RDATE" in master._component)
+    all_day_series = master is not None and not isinstance(master._component["DTSTART"].dt, datetime)
     series = Series(adapters)
     for chunk_start, chunk_end in _chunks(master, window_start, window_end):
         for occurrence in series.between(chunk_start, chunk_end):
-            adapter = occurrence._adapter  # noqa: SLF001 - the source component, without a copy per instance
-            component = adapter._component  # noqa: SLF001
+            adapter = occurrence._adapter  # the source component, without a copy per instance
+            component = adapter._component
             status = str(component.get("STATUS", "") or "").strip().upper()
             if status == "CANCELLED":
                 continue
@@ -484,11 +504,13 @@ def _expand_series(
             yield _instance(uid, recurrence_id, component, status, start, end)
 
 
-def _chunks(master: EventAdapter | None, start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
+def _chunks(
+    master: EventAdapter | None, start: datetime, end: datetime
+) -> Iterator[tuple[datetime, datetime]]:
     """The window, cut into pieces for rules that produce very many starts (dateutil lists them)."""
     step = None
     if master is not None:
-        for rule in _as_list(master._component.get("RRULE")):  # noqa: SLF001
+        for rule in _as_list(master._component.get("RRULE")):
             if isinstance(rule, vRecur) and rule.get("FREQ"):
                 step = _CHUNKED_FREQS.get(str(rule["FREQ"][0]).upper(), step)
     if step is None:
@@ -500,7 +522,12 @@ def _chunks(master: EventAdapter | None, start: datetime, end: datetime) -> Iter
 
 
 def _instance(
-    uid: str, recurrence_id: str, component: icalendar.Event, status: str, start: date | datetime, end: date | datetime
+    uid: str,
+    recurrence_id: str,
+    component: icalendar.Event,
+    status: str,
+    start: date | datetime,
+    end: date | datetime,
 ) -> Instance:
     all_day = not isinstance(start, datetime)
     if all_day and isinstance(end, datetime):  # DATE start with a DATE-TIME end (seen in the wild)

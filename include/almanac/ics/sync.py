@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 LEASE_JOB = "ics_sync"
 
 #: What ICS sync results are called in summaries (the spec's shape).
-ICS_KIND = Kind("Calendars", "calendarId", ("eventsAdded", "eventsUpdated", "eventsDeleted"), "changedCalendarIds")
+ICS_KIND = Kind(
+    "Calendars", "calendarId", ("eventsAdded", "eventsUpdated", "eventsDeleted"), "changedCalendarIds"
+)
 
 _INFRA_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -135,7 +137,9 @@ def sync_batch(
     for calendar_id in ids:
         calendar = calendars.get(calendar_id)
         if calendar is None:
-            results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar not found or sync disabled")
+            results[calendar_id] = ItemResult(
+                calendar_id, "skipped", error="calendar not found or sync disabled"
+            )
         elif not calendar.source_url:
             results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar has no feed URL")
         else:
@@ -157,24 +161,34 @@ def sync_batch(
         busy = still
     for calendar_id in busy:
         results[calendar_id] = ItemResult(
-            calendar_id, "busy",
-            error=f"another run held this calendar's lease for more than {settings.ics_lease_wait_s}s; not synced",
+            calendar_id,
+            "busy",
+            error=(
+                f"another run held this calendar's lease for more than {settings.ics_lease_wait_s}s; "
+                "not synced"
+            ),
         )
     if unchanged:
         _record_unchanged(conn, unchanged)
     return [results[calendar_id] for calendar_id in ids]
 
 
-def _fetch_result(calendar_id: int, status: str, stored=None, error: str | None = None,
-                  permanent: bool = False) -> ItemResult:
+def _fetch_result(
+    calendar_id: int, status: str, stored=None, error: str | None = None, permanent: bool = False
+) -> ItemResult:
     counts = {}
     if stored is not None:
-        counts = {"eventsAdded": stored.added, "eventsUpdated": stored.updated, "eventsDeleted": stored.deleted}
+        counts = {
+            "eventsAdded": stored.added,
+            "eventsUpdated": stored.updated,
+            "eventsDeleted": stored.deleted,
+        }
     return ItemResult(calendar_id, status, counts, error=error, permanent=permanent)
 
 
-def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged,
-              lease) -> ItemResult:
+def _sync_one(
+    conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged, lease
+) -> ItemResult:
     from almanac.ics.fetch import fetch_feed
     from almanac.ics.parse import parse_feed
     from almanac.ics.store import EmptyFeedHeldError, mark_push_pending, store_instances
@@ -207,9 +221,13 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
         )
         # An unchanged feed is neither parsed nor written, unless its window has moved on by
         # a day since it was last expanded (new occurrences of open-ended rules come into it).
-        window_fresh = calendar.window_anchor is not None and instant - calendar.window_anchor < timedelta(days=1)
+        window_fresh = calendar.window_anchor is not None and instant - calendar.window_anchor < timedelta(
+            days=1
+        )
         if same_body and window_fresh:
-            unchanged.append((calendar.id, fetched.etag or calendar.etag, fetched.last_modified or calendar.last_modified))
+            unchanged.append(
+                (calendar.id, fetched.etag or calendar.etag, fetched.last_modified or calendar.last_modified)
+            )
             return _fetch_result(calendar.id, "unchanged")
         if fetched.body is None:  # 304, but the window must move on: fetch without validators
             fetched = fetch(None, None)
@@ -222,7 +240,12 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
             max_instances=settings.ics_max_instances,
         )
         if parsed.problems:
-            log.warning("calendar %s: %d feed problem(s), first: %s", calendar.id, len(parsed.problems), parsed.problems[0])
+            log.warning(
+                "calendar %s: %d feed problem(s), first: %s",
+                calendar.id,
+                len(parsed.problems),
+                parsed.problems[0],
+            )
         stored = store_instances(
             conn,
             calendar.id,
@@ -245,11 +268,18 @@ def _sync_one(conn, calendar: _Calendar, instant, settings, session, allow_hosts
         )
         if lease is not None and lease.lost:
             conn.rollback()
-            return _fetch_result(calendar.id, "busy", error="lease lost to another run before commit; not stored")
+            return _fetch_result(
+                calendar.id, "busy", error="lease lost to another run before commit; not stored"
+            )
         conn.commit()
         log.info(
-            "calendar %s (%s): +%d ~%d -%d of %d", calendar.id, host, stored.added, stored.updated,
-            stored.deleted, stored.total,
+            "calendar %s (%s): +%d ~%d -%d of %d",
+            calendar.id,
+            host,
+            stored.added,
+            stored.updated,
+            stored.deleted,
+            stored.total,
         )
         return _fetch_result(calendar.id, "updated" if stored.changed else "unchanged", stored)
     except Exception as exc:

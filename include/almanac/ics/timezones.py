@@ -98,7 +98,7 @@ def _from_display_name(tzid: str) -> tzinfo | None:
     offset = None
     match = _OFFSET_PREFIX.match(text)
     if match:
-        text = text[match.end():]
+        text = text[match.end() :]
         if match.group(1):
             sign = -1 if match.group(1) == "-" else 1
             offset = sign * timedelta(hours=int(match.group(2)), minutes=int(match.group(3) or 0))
@@ -184,6 +184,8 @@ class ZoneResolver:
             return None
         try:
             return component.to_tz(lookup_tzid=False)
-        except Exception as e:  # noqa: BLE001 - any broken VTIMEZONE: fall back, note it
-            self.problems.append(f"VTIMEZONE {name[:60]!r} could not be read ({type(e).__name__}: {str(e)[:120]})")
+        except Exception as e:  # any broken VTIMEZONE: fall back, note it
+            self.problems.append(
+                f"VTIMEZONE {name[:60]!r} could not be read ({type(e).__name__}: {str(e)[:120]})"
+            )
             return None

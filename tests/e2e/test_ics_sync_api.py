@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
-from almanac_airflow.requests_stream import push_sync_request
+from almanac.ics.requests import push_sync_request
 from tests.e2e.conftest import wait_for
 from tests.support.feed_server import FeedServer, Route
 

@@ -12,7 +12,7 @@ import redis
 
 from almanac.google.accounts import connect_account
 from almanac.google.crypto import TokenCipher
-from almanac_airflow.requests_stream import push_sync_request
+from almanac.ics.requests import push_sync_request
 from tests.e2e.conftest import wait_for
 from tests.support.fake_google import FakeGoogle
 from tests.support.feed_server import FeedServer, Route

@@ -809,3 +809,25 @@ def test_the_scope_comes_from_params_or_the_triggering_asset_events_extras(param
         "triggering_asset_events": TriggeringAssetEventsAccessor.build(_asset_event(e) for e in extras),
     }
     assert push_scope(context, ICS_CALENDARS_CHANGED) == expected
+
+
+def test_a_change_no_asset_event_named_is_pushed_from_pending_then_cleared(gdb, google, airflow_google_env):
+    """Regression: calendars committed by an ics_sync try that failed were never announced, so
+    their Google copies stayed stale for good. Now they wait in calendar_push_pending."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder="dags/google_calendar_push.py")
+    dag = bag.get_dag("google_calendar_push")
+    connect_account(gdb, airflow_google_env, ALICE, google.grant("alice"), account_subject="sub-alice")
+    gdb.commit()
+    dag.test(run_conf={"calendar_ids": []})  # everything pushed once
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
+
+    # A change to WORK, committed with its pending mark, but the run that made it never announced it.
+    _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=1), version=2)
+    gdb.execute("INSERT INTO calendar_push_pending (calendar_id, generation) VALUES (%s, 1)", (WORK,))
+    gdb.commit()
+    run = dag.test(run_conf={"calendar_ids": [FAMILY]})  # a run about another calendar
+    assert run.state == "success"
+    assert "Standup (moved)" in _summaries(google, "alice")
+    assert _pending_rows(gdb) == {}

@@ -20,13 +20,18 @@ from almanac.ics.fetch import (
     FeedNotICalendarError,
     FeedRefusedError,
     FeedTimeoutError,
+    FeedTlsError,
     FeedTooLargeError,
     FeedTooManyRedirectsError,
     FeedUnavailableError,
     fetch_feed,
+    fetch_policy,
+    fetch_with_settings,
+    new_session,
     normalise_feed_url,
     parse_retry_after,
 )
+from almanac.settings import Settings
 from tests.support.feed_server import FeedServer, Route, gzip_bomb, redirect
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
@@ -167,9 +172,10 @@ def test_other_schemes_and_hostless_urls_are_refused(url, no_outbound):
 
 def test_webcal_to_local_server_speaks_tls_not_plain_http(server):
     server.routes["/cal.ics"] = Route(body=ICS)
-    with pytest.raises(FeedUnavailableError):
+    with pytest.raises(FeedTlsError) as info:  # the TLS cases: tests/unit/test_ics_fetch_tls.py
         fetch_feed(server.url("/cal.ics", scheme="webcal"), allow_hosts=server.allow_hosts)
     assert server.hits("/cal.ics") == 0  # a TLS hello is not a GET
+    assert info.value.webcal is True
 
 
 # --- address guard -----------------------------------------------------------------------------
@@ -189,6 +195,13 @@ def test_webcal_to_local_server_speaks_tls_not_plain_http(server):
         ("100.64.0.1", "not globally routable"),
         ("192.168.1.1", "private"),
         ("localhost", "loopback"),
+        ("[fec0::1]", "site-local"),  # deprecated site-local: Python calls it global
+        ("[fec0:1234::5]", "site-local"),
+        ("[feff::1]", "site-local"),  # the top of fec0::/10
+        ("192.0.0.9", "IETF protocol assignments"),  # Python calls .9 and .10 global
+        ("192.0.0.10", "IETF protocol assignments"),
+        ("192.0.0.200", "IETF protocol assignments"),
+        ("[::ffff:192.0.0.9]", "IETF protocol assignments"),
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(host, reason, no_outbound):
@@ -308,6 +321,40 @@ def test_redirect_to_forbidden_target_is_refused_before_connecting(server, no_ou
     with pytest.raises(FeedRefusedError):
         get(server, "/cal.ics")
     assert all(addr[0] == "127.0.0.1" for addr in no_outbound)  # only the allowed feed server
+
+
+def test_refusal_after_a_redirect_names_the_hop_it_came_from_without_secrets(server, no_outbound):
+    token = "private-0123456789abcdef0123456789abcdef"
+    server.routes[f"/feeds/{token}/cal.ics"] = redirect("http://10.0.0.1/internal")
+    with pytest.raises(FeedRefusedError) as info:
+        get(server, f"/feeds/{token}/cal.ics?key=s3cr3t")
+    message = str(info.value)
+    assert f"redirect from {server.host_port}/feeds/…/cal.ics to 10.0.0.1" in message
+    assert "private address" in message
+    assert info.value.redirected_from == f"{server.host_port}/feeds/…/cal.ics"
+    assert (info.value.host, info.value.reason) == ("10.0.0.1", "private address")
+    assert token not in message and "s3cr3t" not in message and "internal" not in message
+    assert [addr[0] for addr in no_outbound] == ["127.0.0.1"]  # nothing sent to 10.0.0.1
+
+
+def test_refusal_of_a_redirect_to_another_scheme_names_the_hop(server):
+    server.routes["/start"] = redirect("file:///etc/passwd")
+    with pytest.raises(FeedRefusedError) as info:
+        get(server, "/start")
+    assert f"redirect from {server.host_port}/start to a URL without host" in str(info.value)
+    assert "scheme 'file'" in str(info.value)
+
+
+def test_refusal_of_the_calendars_own_url_names_no_redirect(no_outbound):
+    with pytest.raises(FeedRefusedError) as info:
+        fetch_feed("http://10.0.0.1/cal.ics")
+    assert "redirect" not in str(info.value) and info.value.redirected_from == ""
+
+
+def test_refused_error_pickles_with_the_hop():
+    exc = FeedRefusedError("m", host="10.0.0.1", reason="private address", redirected_from="h/p")
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.host, back.reason, back.redirected_from) == ("10.0.0.1", "private address", "h/p")
 
 
 def test_redirect_without_location_is_http_error(server):
@@ -460,3 +507,246 @@ def test_logs_and_messages_name_the_host_never_the_full_url(server, caplog):
         get(server, "/start")
     assert "127.0.0.1" in caplog.text
     assert "s3cr3t" not in caplog.text and "s3cr3t" not in str(info.value)
+
+
+# --- the environment never redirects a fetch ---------------------------------------------------
+
+
+@pytest.fixture
+def hostile_env(monkeypatch, tmp_path):
+    """Proxy variables pointing at a recording "proxy", and a .netrc with credentials for 127.0.0.1."""
+    proxy = FeedServer()
+    proxy.__enter__()
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://{proxy.host_port}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    yield proxy
+    proxy.__exit__(None, None, None)
+
+
+def test_requests_itself_would_follow_the_environment(server, hostile_env):
+    """The control for the tests below: this environment does reroute a plain requests.Session."""
+    server.routes["/cal.ics"] = Route(body=ICS)
+    with requests.Session() as session:
+        session.get(server.url("/cal.ics"), timeout=5)
+    assert len(hostile_env.requests) == 1 and server.hits("/cal.ics") == 0
+
+
+@pytest.mark.parametrize("make_session", [None, new_session, requests.Session], ids=["own", "new", "plain"])
+def test_proxy_variables_and_netrc_are_ignored(server, hostile_env, make_session):
+    server.routes["/cal.ics"] = Route(body=ICS)
+    session = make_session() if make_session else None
+    try:
+        assert get(server, "/cal.ics", session=session).body == ICS
+    finally:
+        if session is not None:
+            session.close()
+    assert hostile_env.requests == []
+    assert "Authorization" not in server.requests[-1].headers
+
+
+def test_new_session_does_not_trust_the_environment_and_pins_addresses():
+    with new_session() as session:
+        assert session.trust_env is False
+        assert isinstance(session.get_adapter("https://feed.example/"), fetch_mod._PinnedAdapter)
+        assert isinstance(session.get_adapter("http://feed.example/"), fetch_mod._PinnedAdapter)
+
+
+def test_a_cookie_one_feed_sets_is_never_sent_with_another_calendars_request(server):
+    """A batch reuses one session for all its calendars, and many share a feed host."""
+    server.routes["/a.ics"] = Route(body=ICS, headers={"Set-Cookie": "session=calendar-a; Path=/"})
+    server.routes["/b.ics"] = Route(body=ICS)
+    with new_session() as session:
+        get(server, "/a.ics", session=session)
+        get(server, "/b.ics", session=session)
+    assert "Cookie" not in server.requests[-1].headers
+
+
+# --- fetch_with_settings: the one fetch path ---------------------------------------------------
+
+
+def fast(**overrides) -> Settings:
+    return Settings.from_mapping({"ics_retry_max_wait_s": 5, **overrides})
+
+
+def flaky(status: int, times: int, *, retry_after: str | None = None, body: bytes = ICS):
+    """A route answering ``status`` the first ``times`` requests, then ``body``."""
+    calls = []
+
+    def route(handler):
+        calls.append(handler.path)
+        if len(calls) <= times:
+            headers = {"Retry-After": retry_after} if retry_after is not None else {}
+            handler._serve(Route(status=status, body=b"busy", content_type="text/plain", headers=headers))
+        else:
+            handler._serve(Route(body=body))
+
+    return route
+
+
+def test_fetch_policy_comes_from_the_settings():
+    policy = fetch_policy(Settings(ics_fetch_attempts=7, ics_retry_max_wait_s=9, ics_read_timeout_s=4))
+    assert (policy.attempts, policy.base_wait_s, policy.max_wait_s, policy.timeout_s) == (7, 1.0, 9.0, 4.0)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_transient_statuses_are_retried_with_retry_after(server, status):
+    server.routes["/cal.ics"] = flaky(status, 2, retry_after="2")
+    waits: list[float] = []
+    result = fetch_with_settings(
+        server.url("/cal.ics"), fast(ics_fetch_attempts=3), allow_hosts=server.allow_hosts, sleep=waits.append
+    )
+    assert result.body == ICS
+    assert server.hits("/cal.ics") == 3 and waits == [2.0, 2.0]
+
+
+def test_retry_after_is_capped_by_the_longest_wait_setting(server):
+    server.routes["/cal.ics"] = flaky(503, 1, retry_after="3600")
+    waits: list[float] = []
+    fetch_with_settings(
+        server.url("/cal.ics"),
+        fast(ics_retry_max_wait_s=7),
+        allow_hosts=server.allow_hosts,
+        sleep=waits.append,
+    )
+    assert waits == [7.0]
+
+
+def test_attempts_setting_bounds_the_tries_and_the_last_error_propagates(server):
+    server.routes["/cal.ics"] = flaky(503, 10)
+    waits: list[float] = []
+    with pytest.raises(FeedUnavailableError) as info:
+        fetch_with_settings(
+            server.url("/cal.ics"),
+            fast(ics_fetch_attempts=2),
+            allow_hosts=server.allow_hosts,
+            sleep=waits.append,
+        )
+    assert info.value.status == 503
+    assert server.hits("/cal.ics") == 2 and waits == [1.0]  # backoff from 1 s without Retry-After
+
+
+def test_permanent_errors_are_not_retried(server):
+    waits: list[float] = []
+    with pytest.raises(FeedHttpError):
+        fetch_with_settings(
+            server.url("/gone.ics"), fast(), allow_hosts=server.allow_hosts, sleep=waits.append
+        )
+    assert server.hits("/gone.ics") == 1 and waits == []
+
+
+def test_each_retry_is_logged_with_host_and_cause_never_the_url(server, caplog):
+    caplog.set_level(logging.WARNING, logger="almanac.ics.fetch")
+    server.routes[SECRET_PATH] = flaky(503, 1, retry_after="0")
+    fetch_with_settings(server.url(SECRET_PATH), fast(), allow_hosts=server.allow_hosts, sleep=lambda s: None)
+    (line,) = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert line == (
+        "feed host 127.0.0.1: try 1 of 3 failed (feed host 127.0.0.1 answered 503, retry after 0s);"
+        " retrying in 0s"
+    )
+    assert "s3cr3t" not in caplog.text
+
+
+def test_allow_hosts_setting_lets_the_guard_through(server, no_outbound):
+    server.routes["/cal.ics"] = Route(body=ICS)
+    with pytest.raises(FeedRefusedError):
+        fetch_with_settings(server.url("/cal.ics"), fast())
+    assert no_outbound == []
+    result = fetch_with_settings(server.url("/cal.ics"), fast(ics_allow_hosts=f"x.test, {server.host_port}"))
+    assert result.body == ICS
+
+
+def test_max_redirects_setting(server):
+    server.routes["/a"] = redirect("/b")
+    server.routes["/b"] = redirect("/c")
+    server.routes["/c"] = Route(body=ICS)
+    assert fetch_with_settings(
+        server.url("/a"), fast(ics_max_redirects=2), allow_hosts=server.allow_hosts
+    ).body
+    with pytest.raises(FeedTooManyRedirectsError) as info:
+        fetch_with_settings(server.url("/a"), fast(ics_max_redirects=1), allow_hosts=server.allow_hosts)
+    assert info.value.max_redirects == 1
+
+
+def test_max_bytes_setting(server):
+    server.routes["/cal.ics"] = Route(body=ICS)
+    assert fetch_with_settings(
+        server.url("/cal.ics"), fast(ics_max_bytes=len(ICS)), allow_hosts=server.allow_hosts
+    )
+    with pytest.raises(FeedTooLargeError):
+        fetch_with_settings(
+            server.url("/cal.ics"), fast(ics_max_bytes=len(ICS) - 1), allow_hosts=server.allow_hosts
+        )
+
+
+def test_read_timeout_setting_and_timeouts_are_retried(server):
+    server.routes["/stall.ics"] = Route(body=ICS, delay=1.5)
+    waits: list[float] = []
+    with pytest.raises(FeedTimeoutError):
+        fetch_with_settings(
+            server.url("/stall.ics"),
+            fast(ics_read_timeout_s=1, ics_fetch_attempts=2),
+            allow_hosts=server.allow_hosts,
+            sleep=waits.append,
+        )
+    assert server.hits("/stall.ics") == 2 and waits == [1.0]
+
+
+def test_deadline_setting_bounds_a_trickling_body(server):
+    server.routes["/slow.ics"] = Route(body=ICS * 40, chunk_size=32, chunk_delay=0.1)  # ~9 s in all
+    with pytest.raises(FeedTimeoutError, match="deadline of 1s"):
+        fetch_with_settings(
+            server.url("/slow.ics"),
+            fast(ics_fetch_deadline_s=1, ics_read_timeout_s=5, ics_fetch_attempts=1),
+            allow_hosts=server.allow_hosts,
+        )
+
+
+def test_limits_are_read_from_the_settings_at_every_attempt(server):
+    """A caller's budget can shrink the deadline between attempts (almanac.ics.sync does)."""
+
+    class Shrinking:
+        def __init__(self) -> None:
+            self.deadlines = iter([30.0, 0.2])
+
+        def __getattr__(self, name):
+            return getattr(fast(ics_fetch_attempts=2, ics_read_timeout_s=5), name)
+
+        @property
+        def ics_fetch_deadline_s(self) -> float:
+            return next(self.deadlines)
+
+    answers = [
+        Route(status=503, headers={"Retry-After": "0"}),
+        Route(body=ICS * 40, chunk_size=32, chunk_delay=0.1),
+    ]
+    server.routes["/slow.ics"] = lambda handler: handler._serve(answers.pop(0))
+    with pytest.raises(FeedTimeoutError, match="deadline of 0.2s"):
+        fetch_with_settings(
+            server.url("/slow.ics"), Shrinking(), allow_hosts=server.allow_hosts, sleep=lambda s: None
+        )
+    assert server.hits("/slow.ics") == 2
+
+
+def test_validators_are_sent_and_a_given_session_is_kept_open(server):
+    server.routes["/cal.ics"] = Route(body=ICS, etag='"v1"', last_modified="Sat, 01 Mar 2025 10:00:00 GMT")
+    with new_session() as session:
+        first = fetch_with_settings(
+            server.url("/cal.ics"), fast(), session=session, allow_hosts=server.allow_hosts
+        )
+        again = fetch_with_settings(
+            server.url("/cal.ics"),
+            fast(),
+            etag=first.etag,
+            last_modified=first.last_modified,
+            session=session,
+            allow_hosts=server.allow_hosts,
+        )
+        assert session.adapters  # still usable: not closed by fetch_with_settings
+    assert (first.not_modified, again.not_modified) == (False, True)
+    assert server.requests[-1].headers["If-None-Match"] == '"v1"'

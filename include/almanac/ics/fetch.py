@@ -1,33 +1,49 @@
-"""ics_sync: fetch one calendar's ICS feed over HTTP(S), guarded against SSRF, bombs and stalls."""
+"""ics_sync: fetch one calendar's ICS feed over HTTP(S), guarded against SSRF, bombs and stalls.
+
+``fetch_with_settings`` is the one fetch path (the DAG's sync and the ``almanac`` CLI): the guarded
+``fetch_feed`` under the shared retry policy, every limit taken from ``Settings``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import http.cookiejar
 import ipaddress
 import logging
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.util.ssl_match_hostname import CertificateError as _HostnameCertificateError
 
 from almanac.errors import PermanentError, RetryableError
-from almanac.retry import parse_retry_after
+from almanac.retry import RetryPolicy, parse_retry_after, retry_call
+
+if TYPE_CHECKING:
+    from almanac.settings import Settings
 
 __all__ = [
     "FeedHttpError",
     "FeedNotICalendarError",
     "FeedRefusedError",
     "FeedTimeoutError",
+    "FeedTlsError",
     "FeedTooLargeError",
     "FeedTooManyRedirectsError",
     "FeedUnavailableError",
     "FetchResult",
     "check_address",
     "fetch_feed",
+    "fetch_policy",
+    "fetch_with_settings",
+    "new_session",
     "normalise_feed_url",
     "parse_retry_after",
 ]
@@ -38,6 +54,11 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack IPv4, AWS IPv6).
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+#: Networks refused although Python's ``ipaddress`` may call (parts of) them global.
+EXTRA_REFUSED_NETWORKS = (
+    ("deprecated site-local", ipaddress.ip_network("fec0::/10")),  # RFC 3879
+    ("IETF protocol assignments", ipaddress.ip_network("192.0.0.0/24")),  # RFC 6890, incl. .9 and .10
 )
 _CHUNK_SIZE = 16 * 1024  # bytes decoded per read: bounds what a gzip bomb can expand to at once
 _USER_AGENT = "Almanac-ICS-Sync/1 (+calendar feed sync)"
@@ -54,14 +75,41 @@ class FeedRefusedError(PermanentError):
     """The feed URL was refused before any connection: bad scheme, or the host resolves to a
     loopback/private/link-local/metadata/... address (server-side request forgery guard).
 
+    ``redirected_from`` names the hop (host and path, no query) whose redirect led here, or is
+    empty when the calendar's own URL was refused.
+
     What to do: ask the calendar's owner for a public http(s)/webcal feed URL. For a dev or test
     feed server, add its ``host`` or ``host:port`` to the allow-list (setting ``ics_allow_hosts``).
+    A refusal after a redirect means the feed's server sent us to an internal address: store the
+    feed's final public address, or report the redirecting server.
     """
 
-    def __init__(self, message: str = "", *, host: str = "", reason: str = "") -> None:
+    def __init__(
+        self, message: str = "", *, host: str = "", reason: str = "", redirected_from: str = ""
+    ) -> None:
         super().__init__(message)
         self.host = host
         self.reason = reason
+        self.redirected_from = redirected_from
+
+
+class FeedTlsError(PermanentError):
+    """The TLS handshake with the feed server failed for a reason a retry will not fix: the
+    certificate does not verify (expired, self-signed, unknown issuer), is for another host name,
+    or client and server share no TLS version or cipher (``reason`` says which). ``webcal`` is True
+    when the URL was ``webcal://``, which is read as ``https://``.
+
+    What to do: for a ``webcal://`` URL whose server only speaks plain HTTP ("wrong version
+    number"), store the feed as ``http://``. Otherwise the server's TLS setup is broken or the URL
+    names the wrong host: ask the calendar's owner to fix it or for another feed URL. A connection
+    reset during the handshake is not this error; it is ``FeedUnavailableError`` and retried.
+    """
+
+    def __init__(self, message: str = "", *, host: str = "", reason: str = "", webcal: bool = False) -> None:
+        super().__init__(message)
+        self.host = host
+        self.reason = reason
+        self.webcal = webcal
 
 
 class FeedTooManyRedirectsError(PermanentError):
@@ -134,7 +182,8 @@ class FeedTimeoutError(RetryableError):
 
 class FeedUnavailableError(RetryableError):
     """The feed server is unavailable: HTTP 429 or 5xx (``status``), or no connection could be
-    made (``status`` None: DNS failure, refused, reset, TLS failure).
+    made (``status`` None: DNS failure, refused, reset, closed during the TLS handshake; other TLS
+    failures are ``FeedTlsError``).
 
     What to do: nothing; it is retried, after ``retry_after`` seconds when the server said so.
     If it persists, the feed's host is down or blocking us.
@@ -200,6 +249,10 @@ def normalise_feed_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path or "/", parts.query, ""))
 
 
+def _is_webcal(url: str) -> bool:
+    return urlsplit(url.strip()).scheme.lower() in ("webcal", "webcals")
+
+
 def _refusal_reason(ip: IPAddress) -> str | None:
     """Why ``ip`` may not be fetched from, or None if it is a public address."""
     if isinstance(ip, ipaddress.IPv6Address):
@@ -210,6 +263,9 @@ def _refusal_reason(ip: IPAddress) -> str | None:
                 return f"{inner} (embedded in {ip})"
     if ip in METADATA_ADDRESSES:
         return "cloud metadata address"
+    for reason, network in EXTRA_REFUSED_NETWORKS:
+        if ip.version == network.version and ip in network:
+            return f"{reason} address"
     checks = (
         ("unspecified", ip.is_unspecified),
         ("loopback", ip.is_loopback),
@@ -301,11 +357,28 @@ def _host_header(url: str) -> str:
     return parts.netloc.rpartition("@")[2]
 
 
-def _ensure_pinned_adapter(session: requests.Session) -> None:
+def _prepare_session(session: requests.Session) -> None:
+    """Mount the pinning adapter (once) and stop ``requests`` reading the environment: proxy
+    variables (``HTTPS_PROXY``...) and ``~/.netrc`` never change where, or as whom, a feed is fetched,
+    and no cookie is kept."""
+    session.trust_env = False
+    # A session is reused across a batch's calendars: a cookie one feed host sets must never be
+    # sent with another calendar's request (feeds are fetched anonymously).
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     if not isinstance(session.get_adapter("https://x/"), _PinnedAdapter):
         adapter = _PinnedAdapter()
         session.mount("https://", adapter)
         session.mount("http://", adapter)
+
+
+def new_session() -> requests.Session:
+    """A ``requests.Session`` for feed fetches: address-pinning adapter, ``trust_env=False``.
+
+    Reuse one per batch (connections are kept alive per checked address); close it after.
+    """
+    session = requests.Session()
+    _prepare_session(session)
+    return session
 
 
 # --- fetching ---------------------------------------------------------------------------------
@@ -333,16 +406,18 @@ def fetch_feed(
 
     Each hop's host is resolved once, every address checked (see ``check_address``), and the
     connection made to the checked address itself, so a DNS answer that changes between check
-    and connect (DNS rebinding) cannot reach an internal address. Limitations: the DNS lookup
-    itself is not bounded by ``deadline``; only the first resolved address is tried; a proxy
-    configured in the environment (``HTTPS_PROXY``...) resolves the name again on its side.
+    and connect (DNS rebinding) cannot reach an internal address. Proxy variables and ``.netrc``
+    in the environment are ignored. Limitations: the DNS lookup itself is not bounded by
+    ``deadline``; only the first resolved address is tried. One attempt: ``fetch_with_settings``
+    adds the retries.
 
     Parameters:
         url: the feed URL; ``webcal://`` and ``webcals://`` are read as ``https://``.
         etag, last_modified: validators from the previous fetch, sent as ``If-None-Match`` /
             ``If-Modified-Since``.
-        session: ``requests.Session`` to reuse connections; its http/https adapters are replaced
-            (once) by the address-pinning adapter. One is made if None.
+        session: ``requests.Session`` to reuse connections (best from ``new_session``); its
+            http/https adapters are replaced (once) by the address-pinning adapter and its
+            ``trust_env`` set to False. One is made if None.
         connect_timeout, read_timeout: per connection / per socket read, in seconds.
         deadline: total seconds for the whole fetch, redirects and body included.
         max_bytes: largest body accepted, counted after decompression.
@@ -355,13 +430,16 @@ def fetch_feed(
 
     Raises:
         FeedRefusedError, FeedTooManyRedirectsError, FeedHttpError, FeedNotICalendarError,
-        FeedTooLargeError (permanent); FeedTimeoutError, FeedUnavailableError (retryable).
+        FeedTooLargeError, FeedTlsError (permanent); FeedTimeoutError, FeedUnavailableError
+        (retryable: timeouts, 429/5xx, refused or reset connections, DNS failures).
     """
     own_session = session is None
-    session = session or requests.Session()
-    _ensure_pinned_adapter(session)
+    session = session or new_session()
+    _prepare_session(session)
     started = time.monotonic()
     current = normalise_feed_url(url)
+    webcal = _is_webcal(url)  # this hop's URL was webcal:// read as https://
+    previous: str | None = None  # the hop whose redirect led to ``current``
     headers = {
         "User-Agent": _USER_AGENT,
         "Accept": "text/calendar, */*;q=0.5",
@@ -374,7 +452,12 @@ def fetch_feed(
     try:
         for _hop in range(max_redirects + 1):
             host = urlsplit(current).hostname or ""
-            ip = check_address(current, allow_hosts=allow_hosts)
+            try:
+                ip = check_address(current, allow_hosts=allow_hosts)
+            except FeedRefusedError as exc:
+                if previous is None:  # the calendar's own URL
+                    raise
+                raise _after_redirect(exc, previous, host) from exc
             remaining = _remaining(started, deadline, host)
             response = _send(
                 session,
@@ -383,6 +466,7 @@ def fetch_feed(
                 headers,
                 timeout=(min(connect_timeout, remaining), min(read_timeout, remaining)),
                 host=host,
+                webcal=webcal,
             )
             with response:
                 status = response.status_code
@@ -392,7 +476,12 @@ def fetch_feed(
                         raise FeedHttpError(
                             f"feed host {host} answered {status} without a Location", host=host, status=status
                         )
-                    current = normalise_feed_url(urljoin(current, location.strip()))
+                    target = urljoin(current, location.strip())
+                    try:
+                        next_url = normalise_feed_url(target)
+                    except FeedRefusedError as exc:
+                        raise _after_redirect(exc, current, exc.host) from exc
+                    previous, current, webcal = current, next_url, _is_webcal(target)
                     next_host = urlsplit(current).hostname
                     log.info("feed host %s redirects (%s) to host %s", host, status, next_host)
                     continue
@@ -408,6 +497,175 @@ def fetch_feed(
             session.close()
 
 
+def fetch_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy of one feed fetch: ``ics_fetch_attempts`` tries, backoff from 1 s, waits
+    (and a server's ``Retry-After``) capped at ``ics_retry_max_wait_s``."""
+    return RetryPolicy(
+        attempts=settings.ics_fetch_attempts,
+        base_wait_s=1.0,
+        max_wait_s=float(settings.ics_retry_max_wait_s),
+        timeout_s=float(settings.ics_read_timeout_s),
+    )
+
+
+def fetch_with_settings(
+    url: str,
+    settings: Settings,
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    session: requests.Session | None = None,
+    allow_hosts: frozenset[str] = frozenset(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> FetchResult:
+    """The one feed fetch path, for the ics_sync DAGs and the ``almanac`` CLI alike.
+
+    ``fetch_feed`` with every limit from ``settings`` (``ics_connect_timeout_s``,
+    ``ics_read_timeout_s``, ``ics_fetch_deadline_s`` per attempt, ``ics_max_bytes``,
+    ``ics_max_redirects``), retried on retryable errors by the shared policy (``fetch_policy``:
+    ``ics_fetch_attempts``, ``ics_retry_max_wait_s``, ``Retry-After`` honoured). Each retry is
+    logged as a warning (host and cause, never the URL) before its wait. The limits are read from
+    ``settings`` at every attempt, so an object whose ``ics_fetch_deadline_s`` shrinks (a
+    per-calendar budget) bounds each later attempt by what is left.
+
+    Parameters:
+        allow_hosts: let through besides the hosts of setting ``ics_allow_hosts``.
+        session: reused across calls when given (see ``fetch_feed``); else one is made and closed.
+        sleep: how to wait between attempts (tests pass a recorder).
+
+    Raises:
+        the errors of ``fetch_feed``; a retryable one only after the last attempt.
+    """
+    policy = fetch_policy(settings)
+    allowed = frozenset(allow_hosts) | settings.ics_allow_host_set
+    host = urlsplit(url.strip()).hostname or "?"
+
+    def on_retry(attempt: int, exc: RetryableError, wait: float) -> None:
+        log.warning(
+            "feed host %s: try %d of %d failed (%s); retrying in %gs",
+            host,
+            attempt,
+            policy.attempts,
+            " ".join(str(exc).split()),
+            wait,
+        )
+
+    own_session = session is None
+    session = session or new_session()
+    try:
+        return retry_call(
+            lambda: fetch_feed(
+                url,
+                etag=etag,
+                last_modified=last_modified,
+                session=session,
+                connect_timeout=settings.ics_connect_timeout_s,
+                read_timeout=settings.ics_read_timeout_s,
+                deadline=settings.ics_fetch_deadline_s,
+                max_bytes=settings.ics_max_bytes,
+                max_redirects=settings.ics_max_redirects,
+                allow_hosts=allowed,
+            ),
+            policy,
+            sleep=sleep,
+            on_retry=on_retry,
+        )
+    finally:
+        if own_session:
+            session.close()
+
+
+def _where(url: str) -> str:
+    """``host[:port]/path`` of ``url`` for messages: no query or user info, and path segments
+    longer than 24 characters (the usual shape of secret tokens in feed URLs) shown as ``…``."""
+    parts = urlsplit(url)
+    segments = ["…" if len(seg) > 24 else seg for seg in parts.path.split("/")]
+    return parts.netloc.rpartition("@")[2] + "/".join(segments)
+
+
+def _after_redirect(exc: FeedRefusedError, previous: str, host: str) -> FeedRefusedError:
+    """``exc`` for a hop reached by a redirect, naming the hop (``previous``) that sent us there."""
+    where = _where(previous)
+    return FeedRefusedError(
+        f"{exc} (redirect from {where} to {host or 'a URL without host'})",
+        host=exc.host,
+        reason=exc.reason,
+        redirected_from=where,
+    )
+
+
+#: ``ssl.SSLError.reason`` values meaning client and server share no TLS version / no cipher.
+_TLS_VERSION_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "UNSUPPORTED_PROTOCOL",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "NO_PROTOCOLS_AVAILABLE",
+        "VERSION_TOO_LOW",
+        "VERSION_TOO_HIGH",
+        "UNKNOWN_PROTOCOL",
+        "HTTP_REQUEST",
+    }
+)
+_TLS_CIPHER_REASONS = frozenset(
+    {"NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE", "SSLV3_ALERT_HANDSHAKE_FAILURE", "INSUFFICIENT_SECURITY"}
+)
+#: X509_V_ERR_HOSTNAME_MISMATCH / X509_V_ERR_IP_ADDRESS_MISMATCH
+_HOSTNAME_MISMATCH_CODES = frozenset({62, 64})
+
+
+def _causes(exc: BaseException):
+    """``exc`` and everything it wraps: causes, contexts, exception args, urllib3's ``reason``."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        stack.extend(item for item in reversed(linked) if isinstance(item, BaseException))
+
+
+def _tls_failure(exc: BaseException, host: str) -> str | None:
+    """The cause, when ``exc`` is a TLS failure a retry will not fix; else None.
+
+    Certificate problems and version/cipher mismatches are permanent; a connection closed or reset
+    during the handshake is not (None: the caller treats it as a connection failure, retried).
+    """
+    chain = list(_causes(exc))
+    for cause in chain:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            if cause.verify_code in _HOSTNAME_MISMATCH_CODES:
+                return f"hostname mismatch: the certificate is not for {host}"
+            return f"certificate verify failed: {cause.verify_message or cause.reason}"
+        if isinstance(cause, _HostnameCertificateError):  # urllib3's own check (pinned assert_hostname)
+            return f"hostname mismatch: {cause}"
+    for cause in chain:
+        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+            return None
+        if isinstance(cause, ssl.SSLError):
+            reason = str(cause.reason or "")
+            text = reason.lower().replace("_", " ") or str(cause)
+            if "UNEXPECTED_EOF" in reason:
+                return None
+            if reason in _TLS_VERSION_REASONS:
+                hint = (
+                    " (the server does not speak TLS on this port)"
+                    if reason == "WRONG_VERSION_NUMBER"
+                    else ""
+                )
+                return f"protocol version mismatch: {text}{hint}"
+            if reason in _TLS_CIPHER_REASONS:
+                return f"no shared cipher: {text}"
+            return f"TLS error: {text}"
+    for cause in chain:
+        if isinstance(cause, urllib3.exceptions.SSLError):
+            return f"TLS error: {cause}"
+    return None
+
+
 def _remaining(started: float, deadline: float, host: str) -> float:
     remaining = deadline - (time.monotonic() - started)
     if remaining <= 0:
@@ -417,7 +675,9 @@ def _remaining(started: float, deadline: float, host: str) -> float:
     return remaining
 
 
-def _send(session, url: str, ip: IPAddress, headers: dict, *, timeout, host: str) -> requests.Response:
+def _send(
+    session, url: str, ip: IPAddress, headers: dict, *, timeout, host: str, webcal: bool = False
+) -> requests.Response:
     request = requests.Request("GET", _pinned_url(url, ip), headers={**headers, "Host": _host_header(url)})
     prepared = session.prepare_request(request)
     prepared.almanac_server_hostname = host
@@ -426,9 +686,29 @@ def _send(session, url: str, ip: IPAddress, headers: dict, *, timeout, host: str
     except requests.Timeout as exc:
         raise FeedTimeoutError(f"feed host {host}: timed out ({type(exc).__name__})", host=host) from exc
     except requests.RequestException as exc:
+        cause = _tls_failure(exc, host)
+        read_as = " (webcal:// is read as https://)" if webcal else ""
+        if cause is not None:
+            raise FeedTlsError(
+                f"feed host {host}: TLS handshake failed{read_as}: {cause}",
+                host=host,
+                reason=cause,
+                webcal=webcal,
+            ) from exc
+        detail = _connection_detail(exc)
         raise FeedUnavailableError(
-            f"feed host {host}: connection failed ({type(exc).__name__})", host=host
+            f"feed host {host}: connection failed{read_as} ({detail})", host=host
         ) from exc
+
+
+def _connection_detail(exc: BaseException) -> str:
+    """A short, URL-free cause of a connection failure: the innermost OS or TLS error."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {str(cause.reason or type(cause).__name__).lower().replace('_', ' ')}"
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{type(cause).__name__}: {cause.strerror}"
+    return type(exc).__name__
 
 
 def _finish(response, url, host, etag, last_modified, started, deadline, max_bytes) -> FetchResult:

@@ -65,8 +65,25 @@ class Settings:
     #: How long a batch waits, at its end, for leases other runs hold before it reports those
     #: calendars ``busy`` (retryable), in seconds.
     ics_lease_wait_s: int = 10
+    #: Wall-time budget of one calendar in seconds: fetch (with its retries), parse and store
+    #: together. Past it the calendar is recorded ``error`` and the rest of the batch goes on.
+    ics_calendar_budget_s: int = 90
+    #: CPU seconds one feed's parse and expansion may use; its worker process is killed past it.
+    ics_parse_cpu_s: int = 20
+    #: Memory one feed's parse may add to its worker process, in MiB (resident size; the address
+    #: space is capped at twice this); the worker is killed past it.
+    ics_parse_memory_mb: int = 512
     #: Instances kept per feed at most (unbounded rules are capped).
     ics_max_instances: int = 200_000
+    #: Instances kept per series (one UID) at most: its first ones in the window; a warning
+    #: names each series cut. Stops one runaway rule from pushing the feed's other events out.
+    ics_max_instances_per_series: int = 20_000
+    #: Characters kept of each SUMMARY, DESCRIPTION and LOCATION of an event; longer texts are
+    #: cut, end in "… [truncated]" and add a warning.
+    ics_max_event_text_chars: int = 50_000
+    #: Characters of SUMMARY + DESCRIPTION + LOCATION summed over all instances of one feed
+    #: kept at most; above it the longest texts are cut (to one common length) with a warning.
+    ics_max_feed_text_chars: int = 50_000_000
     #: Hosts (``host`` or ``host:port``, comma-separated) the feed address guard lets through
     #: although they are loopback/private: dev and test feed servers. Empty in production.
     ics_allow_hosts: str = ""
@@ -82,6 +99,8 @@ class Settings:
     google_retry_max_wait_s: int = 60
     #: Socket timeout per Google API call, in seconds.
     google_request_timeout_s: int = 30
+    #: Google Calendar calls per HTTP batch request (1..50; Calendar takes at most 50).
+    google_batch_size: int = 50
 
     @property
     def ics_allow_host_set(self) -> frozenset[str]:

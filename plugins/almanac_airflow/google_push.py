@@ -105,15 +105,20 @@ def push_scope(context, asset) -> list[int] | None:
 def plan_push(context, asset) -> list[dict]:
     """Plan a push run: its scope (plus every calendar still pending), cut into member batches.
 
-    Pushes the pending snapshot ``[[calendar_id, generation], ...]`` to XCom key ``pending``
-    so ``mark_pushed`` clears exactly what this run covered.
+    Each batch carries the run's scope and its window (``["start", "end"]``, ISO 8601: the
+    sync window of the run's instant). Pushes the pending snapshot
+    ``[[calendar_id, generation], ...]`` to XCom key ``pending`` so ``mark_pushed`` clears
+    exactly what this run covered.
     """
     from almanac.batches import plan_batches
     from almanac.google.calendar_push import member_ids_to_push, pending_pushes
+    from almanac.ics.sync import sync_window
     from almanac_airflow.hooks import app_db
+    from almanac_airflow.runs import interval_end
     from almanac_airflow.settings import load_settings
 
     settings = load_settings()
+    start, end = sync_window(interval_end(context), settings)  # the window ics_sync keeps
     scope = push_scope(context, asset)
     with app_db() as conn:
         pending = pending_pushes(conn)  # every pending calendar is in this run's scope
@@ -127,15 +132,21 @@ def plan_push(context, asset) -> list[dict]:
         min_size=1,
         max_size=settings.google_push_batch_size,
         target_count=1,
-        extra={"calendar_ids": scope},
+        extra={"calendar_ids": scope, "window": [start.isoformat(), end.isoformat()]},
     )
 
 
 def push_work(batch: dict, context, *, sleep: Callable[[float], None] = time.sleep):
-    """Push one batch of members (``batch["ids"]``) over the run's scope; one result per member."""
+    """Push one batch of members (``batch["ids"]``) over the run's scope and window (the batch's
+    ``window``; a batch planned without one gets the sync window of the run's instant); one
+    result per member. Calls go ``google_batch_size`` per batch request."""
+    from datetime import datetime
+
     from almanac.google.calendar_push import push_batch
+    from almanac.ics.sync import sync_window
     from almanac.retry import RetryPolicy
     from almanac_airflow.hooks import app_db
+    from almanac_airflow.runs import interval_end
     from almanac_airflow.settings import load_settings
 
     settings = load_settings()
@@ -144,6 +155,11 @@ def push_work(batch: dict, context, *, sleep: Callable[[float], None] = time.sle
         max_wait_s=float(settings.google_retry_max_wait_s),
         timeout_s=float(settings.google_request_timeout_s),
     )
+    planned = batch.get("window")
+    if planned:
+        window = (datetime.fromisoformat(planned[0]), datetime.fromisoformat(planned[1]))
+    else:
+        window = sync_window(interval_end(context), settings)
     cipher, oauth = token_cipher(), oauth_client()
     with app_db() as conn:
         return push_batch(
@@ -154,6 +170,8 @@ def push_work(batch: dict, context, *, sleep: Callable[[float], None] = time.sle
             oauth=oauth,
             policy=policy,
             sleep=sleep,
+            window=window,
+            batch_size=settings.google_batch_size,
         )
 
 

@@ -7,11 +7,13 @@ No mock of the job's own side effects: the Google client library talks HTTP to
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from almanac.batches import ItemResult, summarize_batch
+from almanac.errors import ConfigError
 from almanac.google.accounts import connect_account
 from almanac.google.calendar_push import (
     PUSH_KIND,
@@ -20,10 +22,12 @@ from almanac.google.calendar_push import (
     pending_pushes,
     push_batch,
 )
-from almanac.google.client import OAuthClient
+from almanac.google.client import OAuthClient, batch_uri
 from almanac.google.crypto import TokenCipher, generate_key
 from almanac.google.mapping import google_event_id
+from almanac.ics.sync import sync_window
 from almanac.retry import RetryPolicy
+from almanac.settings import Settings
 from almanac.timeconv import all_day_instant
 from tests.support.fake_google import FakeGoogle
 
@@ -123,7 +127,9 @@ def connected(gdb, google, cipher) -> dict[int, str]:
     return tokens
 
 
-def _push_results(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4) -> list[ItemResult]:
+def _push_results(
+    db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4, window=None, batch_size=50
+) -> list[ItemResult]:
     waits = [] if sleep is None else sleep
     users = member_ids_to_push(db, calendar_ids)
     return push_batch(
@@ -134,6 +140,8 @@ def _push_results(db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=
         oauth=oauth,
         policy=RetryPolicy(attempts=attempts, max_wait_s=30),
         sleep=waits.append,
+        window=window,
+        batch_size=batch_size,
     )
 
 
@@ -297,7 +305,9 @@ def test_an_unknown_access_token_is_refreshed_once_and_the_call_retried(
     summary = _push(gdb, cipher, oauth, calendar_ids=[FAMILY])
 
     unauthorised = [c for c in google.requests if c[2] is None and c[1] != "/token"]
-    assert unauthorised == [("POST", "/calendar/v3/calendars/primary/events", None)]  # Bob's first call: 401
+    # Bob's first batch request: its 3 calls got 401, and only those
+    assert unauthorised == [("POST", "/calendar/v3/calendars/primary/events", None)] * 3
+    assert google.batch_requests() == [3, 3, 3]  # Alice's 3 FAMILY events; Bob's 3, sent again once
     assert google.token_calls() == 2  # Bob once (after the 401), Alice once (she had no access token)
     assert summary["successCount"] == 2 and len(google.live_events("bob")) == 3
     stored, expires = gdb.execute(
@@ -599,6 +609,201 @@ def test_a_token_that_cannot_be_decrypted_is_a_permanent_member_error(gdb, conne
     assert google.calls(*STATE_CHANGING) == []
 
 
+# --- batch requests ------------------------------------------------------------------------
+
+
+def _many(db, calendar_id: int, count: int, *, prefix: str = "many", first: datetime = T0) -> None:
+    for n in range(count):
+        _event(db, calendar_id, f"{prefix}-{n}@x", "", f"Many {n}", first + timedelta(hours=n))
+    db.commit()
+
+
+def test_calls_go_in_batch_requests_of_at_most_50(gdb, connected, google, cipher, oauth):
+    _many(gdb, WORK, 119)  # Alice: 120 WORK events and 3 FAMILY ones; Bob: 3
+
+    summary = _push(gdb, cipher, oauth)
+
+    calls = len(google.calls("POST"))
+    assert calls == summary["eventsCreated"] == 126 and summary["errorCount"] == 0
+    assert google.batch_requests() == [50, 50, 23, 3]  # in order: Alice's 123, then Bob's 3
+    assert len(google.batch_requests()) <= math.ceil(123 / 50) + math.ceil(3 / 50)
+    assert google.single_requests() == 0
+    assert len(google.live_events("alice")) == 123 and _links(gdb, ALICE) == 123
+
+
+def test_the_batch_size_setting_bounds_each_request(gdb, connected, google, cipher, oauth):
+    summary = _push(gdb, cipher, oauth, batch_size=2)
+
+    assert summary["eventsCreated"] == 7
+    assert google.batch_requests() == [2, 2, 2]  # Alice's 4, then Bob's first 2
+    assert google.single_requests() == 1  # Bob's last call: one call goes as a plain request
+    with pytest.raises(ConfigError, match="google_batch_size"):
+        _push(gdb, cipher, oauth, batch_size=51)
+
+
+def test_a_single_change_is_one_plain_request(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth)
+    before = (list(google.batch_requests()), google.single_requests())
+    _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=2), version=2)
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert summary["eventsUpdated"] == 1
+    assert (google.batch_requests(), google.single_requests()) == (before[0], before[1] + 1)
+
+
+def test_the_batch_endpoint_follows_the_api_endpoint_override():
+    # The client library would post to www.googleapis.com whatever the api_endpoint: we don't.
+    assert batch_uri("http://127.0.0.1:8/calendar/v3/") == "http://127.0.0.1:8/batch/calendar/v3"
+    assert batch_uri("https://proxy.test/google/calendar/v3") == "https://proxy.test/google/batch/calendar/v3"
+    assert batch_uri("https://proxy.test/") == "https://proxy.test/batch/calendar/v3"
+    assert batch_uri(None) is None  # Google's own: the discovery document's batchPath
+
+
+def test_each_call_in_a_batch_keeps_its_own_outcome(gdb, connected, google, cipher, oauth):
+    """One batch answers 400 for one part, 409 for another and 429 for a third: the 400 is a
+    rejection, the 409 is patched and the 429 goes again in a later batch after its Retry-After;
+    the other parts are done at once."""
+    _many(gdb, WORK, 4)  # Many 0..3 besides the Standup
+    google.reject(400, "invalid", "Invalid start time.", summary="Many 1", owner="alice")
+    google.reject(429, "rateLimitExceeded", "Slow down.", summary="Many 2", times=1, retry_after=5)
+    taken = google_event_id(ALICE, WORK, "many-3@x", "")  # already on Google (a crash lost its link)
+    google.events[("alice", "primary")] = {taken: {"id": taken, "summary": "stale", "status": "confirmed"}}
+    waits: list[float] = []
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK], sleep=waits)
+
+    assert google.batch_requests() == [5, 2]  # then the patch after the 409 and the 429, together
+    assert waits == [5.0]  # the Retry-After of the 429 part, once
+    alice = _by_user(summary)[ALICE]
+    assert (alice["status"], alice["eventsCreated"], alice["eventsRejected"]) == ("updated", 4, 1)
+    assert alice["rejections"][0]["uid"] == "many-1@x" and alice["rejections"][0]["status"] == 400
+    live = google.live_events("alice")
+    assert sorted(e["summary"] for e in live.values()) == ["Many 0", "Many 2", "Many 3", "Standup"]
+    assert [(m, p.rsplit("/", 1)[-1]) for m, p, _ in google.calls("PATCH")] == [("PATCH", taken)]
+    assert [r["uid"] for r in _rejections(gdb)] == ["many-1@x"] and _links(gdb, ALICE) == 4
+    # the next run sends nothing: the refused content is held, the rest is linked
+    sent = len(google.calls(*STATE_CHANGING))
+    assert _push(gdb, cipher, oauth, calendar_ids=[WORK])["results"] == []
+    assert len(google.calls(*STATE_CHANGING)) == sent
+
+
+def test_a_member_error_inside_a_batch_keeps_the_rest_of_that_batch(gdb, connected, google, cipher, oauth):
+    _many(gdb, WORK, 4)
+    google.reject(401, "authError", "Invalid Credentials", summary="Many 2", owner="alice")
+
+    results = {r.item_id: r for r in _push_results(gdb, cipher, oauth, calendar_ids=[WORK])}
+
+    assert results[ALICE].status == "error" and "401" in results[ALICE].error
+    assert results[ALICE].counts["eventsCreated"] == 4  # the other parts of the batch are linked
+    assert _links(gdb, ALICE) == 4 and len(google.live_events("alice")) == 4
+
+
+def test_a_crash_mid_batch_then_a_rerun_does_not_duplicate(gdb, connected, google, cipher, oauth):
+    """The links of the last batches were never committed (the task died): the rerun's inserts
+    answer 409 and become patches, in batches too."""
+    _many(gdb, WORK, 119)
+    _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    gdb.execute(
+        "DELETE FROM google_event_links WHERE user_id = %s AND uid IN "
+        "(SELECT uid FROM events WHERE calendar_id = %s ORDER BY uid DESC LIMIT 70)",
+        (ALICE, WORK),
+    )
+    gdb.commit()
+    batches = len(google.batch_requests())
+
+    again = _push(gdb, cipher, oauth, calendar_ids=[WORK])
+
+    assert again["eventsCreated"] == 70 and again["errorCount"] == 0
+    # 70 inserts (409), then 70 patches: follow-ups fill the next batches, ceil(140 / 50) requests
+    assert google.batch_requests()[batches:] == [50, 50, 40]
+    assert len(google.live_events("alice")) == 120 and _links(gdb, ALICE) == 120
+
+
+
+def test_a_copy_moved_to_another_calendar_keeps_its_new_link_when_the_old_delete_is_retried(
+    gdb, connected, google, cipher, oauth
+):
+    """Regression guard for batching: the delete of the old copy can succeed after the insert of
+    the new one (it was retried in a later batch); it must not remove the new link."""
+    _push(gdb, cipher, oauth, calendar_ids=[WORK])
+    standup = google_event_id(ALICE, WORK, "standup@x", "")
+    gdb.execute("UPDATE google_accounts SET target_calendar_id = 'almanac' WHERE user_id = %s", (ALICE,))
+    gdb.commit()
+    google.reject(503, "backendError", "Try again.", event_id=standup, methods=("DELETE",), times=1)
+    waits: list[float] = []
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK], sleep=waits)
+
+    # delete + insert in one batch request, then the delete again alone (the first push: one call)
+    assert (google.batch_requests(), google.single_requests(), waits) == ([2], 2, [1.0])
+    assert (summary["eventsCreated"], summary["eventsDeleted"], summary["errorCount"]) == (1, 1, 0)
+    assert google.live_events("alice") == {} and list(google.live_events("alice", "almanac")) == [standup]
+    gdb.commit()
+    assert gdb.execute(
+        "SELECT google_calendar_id, google_event_id FROM google_event_links WHERE user_id = %s", (ALICE,)
+    ).fetchall() == [("almanac", standup)]
+    assert _push(gdb, cipher, oauth, calendar_ids=[WORK])["results"] == []
+
+# --- the sync window -------------------------------------------------------------------------
+
+
+WINDOW = sync_window(T0, Settings())  # [T0 - 30 days, T0 + 365 days)
+
+
+def test_only_instances_starting_inside_the_window_are_pushed(gdb, connected, google, cipher, oauth):
+    start, end = WINDOW
+    _event(gdb, WORK, "old@x", "", "Long ago", start - timedelta(seconds=1))
+    _event(gdb, WORK, "first@x", "", "First in", start)
+    _event(gdb, WORK, "last@x", "", "Last in", end - timedelta(seconds=1))
+    _event(gdb, WORK, "far@x", "", "Too far", end)  # the window ends before its end
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, calendar_ids=[WORK], window=WINDOW)
+
+    assert _summaries(google, "alice") == ["First in", "Last in", "Standup"]
+    assert summary["eventsCreated"] == 3 and _links(gdb, ALICE) == 3
+
+
+def test_copies_that_aged_out_of_the_window_are_left_alone(gdb, connected, google, cipher, oauth):
+    _push(gdb, cipher, oauth, window=WINDOW)  # everything of the fixture is in the window
+    assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
+    later = sync_window(T0 + timedelta(days=38), Settings())  # starts at T0 + 8 days
+    assert later[0] > T0 + timedelta(days=7)  # every instance of the fixture is history now
+    # history is edited, cancelled, or in a calendar the member left; one new instance is inside
+    _event(gdb, FAMILY, "swim@x", "20260310T090000Z", "Swimming (edited)", T0, version=2)
+    gdb.execute("UPDATE events SET status = 'cancelled' WHERE uid = 'bday@x'")
+    gdb.execute("DELETE FROM calendar_members WHERE calendar_id = %s AND user_id = %s", (WORK, ALICE))
+    _event(gdb, FAMILY, "late@x", "", "Late", T0 + timedelta(days=40))
+    gdb.commit()
+    sent = len(google.calls(*STATE_CHANGING))
+
+    summary = _push(gdb, cipher, oauth, window=later)
+
+    assert (summary["eventsCreated"], summary["eventsUpdated"], summary["eventsDeleted"]) == (2, 0, 0)
+    assert len(google.calls(*STATE_CHANGING)) == sent + 2  # only the new event, for Alice and Bob
+    assert _summaries(google, "alice") == ["Birthday", "Late", "Standup", "Swimming", "Swimming"]
+    assert _links(gdb) == 9  # the old links stay too
+
+
+def test_deleted_and_cancelled_instances_inside_the_window_are_still_deleted(
+    gdb, connected, google, cipher, oauth
+):
+    _push(gdb, cipher, oauth, window=WINDOW)
+    gdb.execute("UPDATE events SET status = 'cancelled' WHERE uid = 'bday@x'")
+    gdb.execute("DELETE FROM events WHERE uid = 'standup@x'")
+    gdb.commit()
+
+    summary = _push(gdb, cipher, oauth, window=WINDOW)
+
+    assert summary["eventsDeleted"] == 3  # Birthday for both, Standup for Alice
+    assert _summaries(google, "alice") == ["Swimming", "Swimming"]
+    assert _summaries(google, "bob") == ["Swimming", "Swimming"]
+    with pytest.raises(ConfigError, match="window"):
+        _push(gdb, cipher, oauth, window=(WINDOW[1], WINDOW[0]))
+
+
 # --- the account a link was pushed to ---------------------------------------------------
 
 
@@ -755,7 +960,8 @@ def test_the_dag_pushes_and_a_second_run_changes_nothing(gdb, google, airflow_go
         connect_account(gdb, airflow_google_env, user_id, google.grant(owner))
     gdb.commit()
 
-    run = dag.test(run_conf={"calendar_ids": [FAMILY]})
+    # Runs at the fixture's dates: the window is the sync window of the run's instant.
+    run = dag.test(logical_date=T0, run_conf={"calendar_ids": [FAMILY]})
     assert run.state == "success"
     assert _summaries(google, "alice") == ["Birthday", "Swimming", "Swimming"]
     assert len(google.live_events("bob")) == 3
@@ -763,11 +969,38 @@ def test_the_dag_pushes_and_a_second_run_changes_nothing(gdb, google, airflow_go
 
     # Every calendar: adds Alice's WORK event, repeats nothing. (Explicit empty conf: in one
     # process, dag.test() leaves the previous run's conf in the DAG's Param objects.)
-    again = dag.test(run_conf={"calendar_ids": []})
+    again = dag.test(logical_date=T0 + timedelta(hours=1), run_conf={"calendar_ids": []})
     assert again.state == "success"
     assert len(google.calls(*STATE_CHANGING)) == changing + 1
     assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
 
+
+
+def test_the_dag_pushes_its_runs_sync_window_in_batches_of_the_setting(
+    gdb, google, airflow_google_env, monkeypatch
+):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder="dags/google_calendar_push.py").get_dag("google_calendar_push")
+    for user_id, owner in [(ALICE, "alice"), (BOB, "bob")]:
+        connect_account(gdb, airflow_google_env, user_id, google.grant(owner))
+    _event(gdb, FAMILY, "old@x", "", "Old", T0 - timedelta(days=60))
+    gdb.commit()
+    monkeypatch.setenv("AIRFLOW_VAR_ALMANAC_SETTINGS", json.dumps({"google_batch_size": 2}))
+
+    run = dag.test(logical_date=T0, run_conf={"calendar_ids": [FAMILY]})
+
+    assert run.state == "success"
+    assert _summaries(google, "bob") == ["Birthday", "Swimming", "Swimming"]  # not Old: 60 days back
+    assert google.batch_requests() == [2, 2] and google.single_requests() == 2  # 3 calls each: 2 + 1
+
+    monkeypatch.setenv(
+        "AIRFLOW_VAR_ALMANAC_SETTINGS", json.dumps({"google_batch_size": 2, "ics_window_days_back": 90})
+    )
+    again = dag.test(logical_date=T0 + timedelta(hours=1), run_conf={"calendar_ids": [FAMILY]})
+
+    assert again.state == "success"
+    assert _summaries(google, "bob") == ["Birthday", "Old", "Swimming", "Swimming"]
 
 # --- the run's scope, read the Airflow 3 way ---------------------------------------------
 
@@ -820,14 +1053,14 @@ def test_a_change_no_asset_event_named_is_pushed_from_pending_then_cleared(gdb, 
     dag = bag.get_dag("google_calendar_push")
     connect_account(gdb, airflow_google_env, ALICE, google.grant("alice"), account_subject="sub-alice")
     gdb.commit()
-    dag.test(run_conf={"calendar_ids": []})  # everything pushed once
+    dag.test(logical_date=T0, run_conf={"calendar_ids": []})  # everything pushed once
     assert _summaries(google, "alice") == ["Birthday", "Standup", "Swimming", "Swimming"]
 
     # A change to WORK, committed with its pending mark, but the run that made it never announced it.
     _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=1), version=2)
     gdb.execute("INSERT INTO calendar_push_pending (calendar_id, generation) VALUES (%s, 1)", (WORK,))
     gdb.commit()
-    run = dag.test(run_conf={"calendar_ids": [FAMILY]})  # a run about another calendar
+    run = dag.test(logical_date=T0 + timedelta(hours=1), run_conf={"calendar_ids": [FAMILY]})  # not WORK
     assert run.state == "success"
     assert "Standup (moved)" in _summaries(google, "alice")
     assert _pending_rows(gdb) == {}

@@ -11,25 +11,37 @@ Under ``/calendar/v3/calendars/{calendarId}``:
 - ``DELETE /events/{eventId}``  events.delete (204; 410 when already deleted; 404 unknown)
 - ``GET    /events``            events.list (``pageToken``/``maxResults``, ``showDeleted``)
 
+``POST /batch/calendar/v3`` is Calendar's batch endpoint, as Google speaks it: a
+``multipart/mixed`` body whose parts are ``application/http`` requests (request line, headers,
+body) with a ``Content-ID``; each part goes to the same handlers as a single call (its own
+``Authorization``, or the outer request's when it has none) and the answer is
+``multipart/mixed`` with one ``application/http`` response per part, ``Content-ID:
+<response-{id}>``, in order. More than 50 parts is a 400, as on Google.
+
 API calls need ``Authorization: Bearer <access token>``; an unknown or expired token gets 401
 (so clients exercise their refresh path). Each token belongs to an *owner* — one Google
 account (its ``sub``): ``grant("alice")`` and ``grant("alice-work")`` are two accounts, with
 separate calendars, even when one Almanac user connects both in turn.
 
-Faults: ``fail_next`` makes the next N API calls answer 429 (with ``Retry-After``) or 5xx;
-``reject`` makes the calls about one event (by id or summary) answer a 4xx in Google's error
-shape until ``clear_rejections``; ``remove_calendar`` makes a calendar 404 (as when the user
-deleted it). Events are kept per (owner, calendar id) for assertions; every request is logged
-in ``requests`` as ``(method, path, owner)`` (no tokens).
+Faults: ``fail_next`` makes the next N API requests answer 429 (with ``Retry-After``) or 5xx
+(a batch request as a whole, with all its calls); ``reject`` makes the calls about one event
+(by id or summary) answer a 4xx — or, with ``times``, a 429/5xx a few times — in Google's
+error shape until ``clear_rejections``; ``remove_calendar`` makes a calendar 404 (as when the
+user deleted it); ``delay`` waits before answering each call (each part of a batch too).
+Events are kept per (owner, calendar id) for assertions; every API call (a batch's parts one
+by one) is logged in ``requests`` as ``(method, path, owner)``, and every HTTP request to the
+API in ``http_requests`` as ``(method, path, calls)`` (no tokens).
 """
 
 from __future__ import annotations
 
+import email.parser
 import json
 import re
 import secrets
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -37,6 +49,8 @@ __all__ = ["FakeGoogle"]
 
 _EVENTS = re.compile(r"^/calendar/v3/calendars/(?P<cal>[^/]+)/events(?:/(?P<event>[^/]+))?$")
 _ID = re.compile(r"^[a-v0-9]{5,1024}$")  # base32hex, as Calendar requires of client-chosen ids
+BATCH_PATH = "/batch/calendar/v3"
+MAX_BATCH_CALLS = 50  # Calendar's limit per batch request
 
 
 def _error(code: int, reason: str, message: str) -> dict:
@@ -51,6 +65,7 @@ def _error(code: int, reason: str, message: str) -> dict:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as httplib2 expects
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall each
     server: FakeGoogle
 
     def log_message(self, *args) -> None:  # quiet
@@ -92,34 +107,82 @@ class _Handler(BaseHTTPRequestHandler):
             with fake.lock:
                 fake.requests.append((method, url.path, None))
             return self._send(status, payload)
-        match = _EVENTS.match(url.path)
-        if not match:
+        if url.path == BATCH_PATH and method == "POST":
+            return self._batch(body)
+        if not _EVENTS.match(url.path):
             return self._send(404, _error(404, "notFound", "Not Found"))
-        auth = self.headers.get("Authorization", "")
         with fake.lock:
-            owner = fake._owner_of(auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else "")
-            fake.requests.append((method, url.path, owner))
-            if owner is None:
-                return self._send(
-                    401,
-                    _error(401, "authError", "Invalid Credentials"),
-                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
-                )
-            if fake._faults:
-                status, retry_after = fake._faults.pop(0)
-                headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-                reason = "rateLimitExceeded" if status == 429 else "backendError"
-                return self._send(status, _error(status, reason, "injected fault"), headers)
-            calendar, event_id = unquote(match["cal"]), match["event"] and unquote(match["event"])
-            if (owner, calendar) in fake.removed_calendars:
-                return self._send(404, _error(404, "notFound", "Not Found"))
-            refusal = fake._rejection_for(method, owner, calendar, event_id, body)
-            if refusal is not None:
-                status, reason, message = refusal
-                fake.rejected.append((method, url.path, owner))
-                return self._send(status, _error(status, reason, message))
-            status, payload = fake._events_call(method, owner, calendar, event_id, body, parse_qs(url.query))
-        return self._send(status, payload)
+            fake.http_requests.append((method, url.path, 1))
+        status, payload, headers = fake._api_call(
+            method, self.path, self.headers.get("Authorization", ""), body, faults=True
+        )
+        return self._send(status, payload, headers)
+
+    def _batch(self, body: bytes) -> None:
+        """Calendar's batch endpoint: parse the multipart/mixed request, answer each part."""
+        fake = self.server
+        content_type = self.headers.get("Content-Type", "")
+        message = email.parser.BytesParser().parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body
+        )
+        parts = message.get_payload() if message.is_multipart() else None
+        calls = []
+        for part in parts or ():
+            request_line, _, rest = str(part.get_payload()).partition("\n")
+            words = request_line.strip().split(" ")
+            if part.get_content_type() != "application/http" or len(words) != 3:
+                calls = []
+                break
+            inner = email.parser.Parser().parsestr(rest)
+            calls.append((part.get("Content-ID"), words[0], words[1], inner))
+        if not calls:
+            return self._send(400, _error(400, "badRequest", "Not a multipart/mixed body of HTTP requests"))
+        if len(calls) > MAX_BATCH_CALLS:
+            too_many = f"More than {MAX_BATCH_CALLS} calls in one batch request"
+            return self._send(400, _error(400, "badRequest", too_many))
+        with fake.lock:
+            fake.http_requests.append(("POST", BATCH_PATH, len(calls)))
+            fault = fake._faults.pop(0) if fake._faults else None
+        if fault is not None:  # the batch request as a whole
+            return self._send(*_fault_answer(*fault))
+        outer_auth = self.headers.get("Authorization", "")
+        boundary = "batch_" + secrets.token_hex(12)
+        out = []
+        for content_id, method, target, inner in calls:
+            inner_body = (inner.get_payload() or "").encode()
+            auth = inner.get("Authorization") or outer_auth  # a part's header wins over the outer one
+            status, payload, headers = fake._api_call(method, target, auth, inner_body, faults=False)
+            data = b"" if payload is None else json.dumps(payload).encode()
+            head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+            head += [f"{key}: {value}" for key, value in headers.items()]
+            if payload is not None:
+                head.append("Content-Type: application/json; charset=UTF-8")
+            head.append(f"Content-Length: {len(data)}")
+            part_head = ["Content-Type: application/http"]
+            content_id = (content_id or "").strip()
+            if content_id:
+                part_head.append(f"Content-ID: <response-{content_id.removeprefix('<').removesuffix('>')}>")
+            out.append(
+                f"--{boundary}\r\n".encode()
+                + "\r\n".join(part_head).encode()
+                + b"\r\n\r\n"
+                + "\r\n".join(head).encode()
+                + b"\r\n\r\n"
+                + data
+                + b"\r\n"
+            )
+        answer = b"".join(out) + f"--{boundary}--\r\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", f"multipart/mixed; boundary={boundary}")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def _fault_answer(status: int, retry_after: int | None) -> tuple[int, dict, dict]:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    reason = "rateLimitExceeded" if status == 429 else "backendError"
+    return status, _error(status, reason, "injected fault"), headers
 
 
 class FakeGoogle(ThreadingHTTPServer):
@@ -132,13 +195,15 @@ class FakeGoogle(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.lock = threading.Lock()
         self.access_token_ttl = access_token_ttl
-        self.requests: list[tuple[str, str, str | None]] = []
+        self.requests: list[tuple[str, str, str | None]] = []  # every call, a batch's parts one by one
+        self.http_requests: list[tuple[str, str, int]] = []  # every API request: (method, path, calls)
+        self.delay = 0.0  # seconds to wait before answering each call (each part of a batch too)
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> owner
         self.revoked: set[str] = set()
         self.access_tokens: dict[str, tuple[str, float]] = {}  # access token -> (owner, expires at)
         self.events: dict[tuple[str, str], dict[str, dict]] = {}  # (owner, calendar) -> id -> event
         self._faults: list[tuple[int, int | None]] = []
-        self._rejections: list[dict] = []
+        self._rejections: list[dict] = []  # under lock
         self.rejected: list[tuple[str, str, str | None]] = []  # requests answered by a rejection
         self.removed_calendars: set[tuple[str, str]] = set()
         self._seq = 0
@@ -190,7 +255,8 @@ class FakeGoogle(ThreadingHTTPServer):
             self.access_tokens.clear()
 
     def fail_next(self, count: int, status: int = 429, retry_after: int | None = None) -> None:
-        """The next ``count`` API calls (not token calls) answer ``status``."""
+        """The next ``count`` API requests (not token calls) answer ``status``: a single call,
+        or a batch request as a whole (none of its calls is made)."""
         with self.lock:
             self._faults += [(status, retry_after)] * count
 
@@ -204,9 +270,13 @@ class FakeGoogle(ThreadingHTTPServer):
         summary: str | None = None,
         owner: str | None = None,
         methods: tuple[str, ...] = ("POST", "PATCH", "DELETE"),
+        times: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
         """Refuse every call about one event — the event ``event_id``, or whose (sent or stored)
-        summary is ``summary`` — with ``status`` and Google's error JSON, until ``clear_rejections``."""
+        summary is ``summary`` — with ``status`` and Google's error JSON, until ``clear_rejections``
+        (or, with ``times``, that many times: e.g. a 429 once). ``retry_after``: a ``Retry-After``
+        header on the answer."""
         if event_id is None and summary is None:
             raise ValueError("reject needs an event_id or a summary")
         with self.lock:
@@ -219,6 +289,8 @@ class FakeGoogle(ThreadingHTTPServer):
                     "summary": summary,
                     "owner": owner,
                     "methods": methods,
+                    "times": times,
+                    "retry_after": retry_after,
                 }
             )
 
@@ -245,12 +317,55 @@ class FakeGoogle(ThreadingHTTPServer):
         with self.lock:
             return sum(1 for r in self.requests if r[1] == "/token")
 
+    def batch_requests(self) -> list[int]:
+        """The number of calls in each batch request so far, in order."""
+        with self.lock:
+            return [calls for _, path, calls in self.http_requests if path == BATCH_PATH]
+
+    def single_requests(self) -> int:
+        """API requests that were one call (not a batch)."""
+        with self.lock:
+            return sum(1 for _, path, _ in self.http_requests if path != BATCH_PATH)
+
     def delete_behind_our_back(self, owner: str, event_id: str, calendar: str = "primary") -> None:
         """The user deleted (or another client purged) the event on Google."""
         with self.lock:
             self.events.get((owner, calendar), {}).pop(event_id, None)
 
     # --- protocol (called with or without the lock as noted) -------------------------
+    def _api_call(
+        self, method: str, target: str, auth: str, body: bytes, *, faults: bool
+    ) -> tuple[int, dict | None, dict]:
+        """One Calendar API call, single or a batch's part: ``(status, payload, headers)``."""
+        if self.delay:
+            time.sleep(self.delay)
+        url = urlsplit(target)
+        match = _EVENTS.match(url.path)
+        if not match:
+            return 404, _error(404, "notFound", "Not Found"), {}
+        token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        with self.lock:
+            owner = self._owner_of(token)
+            self.requests.append((method, url.path, owner))
+            if owner is None:
+                return (
+                    401,
+                    _error(401, "authError", "Invalid Credentials"),
+                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+                )
+            if faults and self._faults:
+                return _fault_answer(*self._faults.pop(0))
+            calendar, event_id = unquote(match["cal"]), match["event"] and unquote(match["event"])
+            if (owner, calendar) in self.removed_calendars:
+                return 404, _error(404, "notFound", "Not Found"), {}
+            refusal = self._rejection_for(method, owner, calendar, event_id, body)
+            if refusal is not None:
+                status, reason, message, headers = refusal
+                self.rejected.append((method, url.path, owner))
+                return status, _error(status, reason, message), headers
+            status, payload = self._events_call(method, owner, calendar, event_id, body, parse_qs(url.query))
+            return status, payload, {}
+
     def _token(self, form: dict[str, list[str]]) -> tuple[int, dict]:
         if form.get("grant_type", [""])[0] != "refresh_token":
             return 400, {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}
@@ -274,7 +389,7 @@ class FakeGoogle(ThreadingHTTPServer):
 
     def _rejection_for(
         self, method, owner, calendar, event_id, body
-    ) -> tuple[int, str, str] | None:  # under lock
+    ) -> tuple[int, str, str, dict] | None:  # under lock
         if not self._rejections:
             return None
         try:
@@ -290,7 +405,12 @@ class FakeGoogle(ThreadingHTTPServer):
             if (rule["event_id"] is not None and rule["event_id"] == target) or (
                 rule["summary"] is not None and rule["summary"] in summaries
             ):
-                return rule["status"], rule["reason"], rule["message"]
+                if rule["times"] is not None:
+                    rule["times"] -= 1
+                    if rule["times"] <= 0:
+                        self._rejections.remove(rule)
+                headers = {"Retry-After": str(rule["retry_after"])} if rule["retry_after"] is not None else {}
+                return rule["status"], rule["reason"], rule["message"], headers
         return None
 
     def _owner_of(self, token: str) -> str | None:  # under lock

@@ -1,8 +1,9 @@
 """google_calendar_push: reconcile each connected member's Google Calendar with their calendars' events.
 
 Desired state, per member: every instance in ``events`` of the calendars they are a member of
-(in the run's scope), except cancelled ones. Pushed state: their ``google_event_links`` made
-under the account's current ``account_subject``. The difference is the work — and nothing else:
+(in the run's scope) that starts inside the run's window, except cancelled ones. Pushed state:
+their ``google_event_links`` made under the account's current ``account_subject``. The
+difference is the work — and nothing else:
 
 - desired, no link (or a link into another Google calendar than the target) -> ``events.insert``
   with an id derived from ``(user, calendar, uid, recurrence_id)``; a 409 (already there, e.g.
@@ -11,8 +12,19 @@ under the account's current ``account_subject``. The difference is the work — 
 - link, no longer desired (event deleted or cancelled, member left, calendar gone) ->
   ``events.delete`` (404/410 count as done) and the link goes.
 
-A link is written right after its Google call succeeds, so a rerun — or a run after a
-partial failure, or a backfill — converges without duplicates and repeats no call.
+Window: the sync window ics_sync keeps (``almanac.ics.sync.sync_window`` of the run's instant,
+``[instant - ics_window_days_back, instant + ics_window_days_ahead)``), so a first push does not
+send all history. Links whose instance still exists but starts outside the window are left
+alone — neither patched nor deleted: a copy on Google is history, and it is not deleted just
+because it aged out of the window (ics_sync keeps those rows too). A link whose instance row is
+gone is deleted as before (its start is unknown; ics_sync deletes rows only inside its window),
+and so are the links of deleted or cancelled instances inside the window.
+
+Calls go in Calendar batch requests (``CalendarClient.run``: up to ``google_batch_size`` calls
+per HTTP request); every call keeps its own outcome as above, and 429/5xx calls are retried in a
+later batch. The links of each batch are written and committed when its answer is in, so a
+rerun — or a run after a partial failure or a crash mid-batch, or a backfill — converges
+without duplicates (ids are deterministic: an insert Google already has answers 409 -> patch).
 
 Accounts: links pushed under another ``account_subject`` belong to a Google account we can no
 longer reach (the user connected a different one): they are dropped, and that member is
@@ -34,19 +46,23 @@ the generations (``pending_pushes``) and clears what it pushed (``clear_pushed``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from psycopg.rows import class_row, dict_row
 
 from almanac.batches import ItemResult, Kind
-from almanac.errors import PermanentError, RetryableError
+from almanac.errors import ConfigError, PermanentError, RetryableError
 from almanac.google.accounts import GoogleAccount, load_accounts, mark_revoked, record_push, save_access_token
 from almanac.google.client import (
     DEFAULT_POLICY,
+    MAX_BATCH_SIZE,
     CalendarClient,
+    Call,
     GoogleApiError,
     GoogleGrantRevokedError,
     OAuthClient,
@@ -68,12 +84,12 @@ log = logging.getLogger(__name__)
 #: The job's items in summaries (``almanac.batches.summarize_batch`` / ``combine_summaries``).
 PUSH_KIND = Kind("Members", "userId", ("eventsCreated", "eventsUpdated", "eventsDeleted", "eventsRejected"))
 
-_COMMIT_EVERY = 50  # link rows per commit: a crash loses at most this many (and ids make that safe)
 _DETAIL_REJECTIONS = 5  # rejections listed in a member's result (all are in google_push_rejections)
 # 403 reasons about the account or its calendar, not the event: every other event would fail alike.
 _MEMBER_403_REASONS = frozenset({"requiredAccessLevel", "quotaExceeded", "dailyLimitExceeded"})
 
 Key = tuple[int, str, str]  # (calendar_id, uid, recurrence_id)
+Window = tuple[datetime, datetime]  # [start, end) of instance starts, aware
 
 
 # --- planning -------------------------------------------------------------------------
@@ -183,6 +199,7 @@ class _Work:
     updates: list[tuple[Key, _Link]] = field(default_factory=list)
     deletes: list[tuple[Key, _Link]] = field(default_factory=list)
     held: int = 0  # calls not made: Google refused the same content before
+    rejected: set[Key] = field(default_factory=set)  # keys with a rejection row (kept by the plan)
 
     def __bool__(self) -> bool:
         return bool(self.creates or self.updates or self.deletes)
@@ -209,13 +226,18 @@ class _Tally:
         return f"+{c['eventsCreated']} ~{c['eventsUpdated']} -{c['eventsDeleted']} !{c['eventsRejected']}"
 
 
-class _EventRefused(Exception):
-    """Google refused this one event for good (internal: becomes a rejection row)."""
+@dataclass(frozen=True)
+class _Step:
+    """What one Google call is for (its ``Call.tag``): the key, the counter it adds to, the
+    content and calendar its link will record, and the body/id a follow-up call needs."""
 
-    def __init__(self, operation: str, error: GoogleApiError) -> None:
-        super().__init__(operation)
-        self.operation = operation
-        self.error = error
+    key: Key
+    kind: str  # "eventsCreated" | "eventsUpdated" | "eventsDeleted"
+    content_hash: str
+    google_calendar_id: str
+    event_id: str  # our deterministic id (a delete: the link's)
+    body: dict | None = None
+    after_conflict: bool = False  # a patch made because the insert answered 409
 
 
 ClientFactory = Callable[..., CalendarClient]
@@ -231,11 +253,13 @@ def push_batch(
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
     client_factory: ClientFactory = CalendarClient,
+    window: Window | None = None,
+    batch_size: int = MAX_BATCH_SIZE,
 ) -> list[ItemResult]:
     """Reconcile each member's Google Calendar; one member's failure never stops the others.
 
-    Commits: per member (its plan, then every ``_COMMIT_EVERY`` links or rejections written,
-    then its outcome), so a failure keeps the work already done.
+    Commits: per member (its plan, then the links and rejections of each batch request as its
+    answer comes in, then its outcome), so a failure keeps the work already done.
 
     Parameters:
         conn: psycopg connection to the application DB.
@@ -244,15 +268,23 @@ def push_batch(
         oauth: the product's OAuth client and Google's endpoints.
         policy: retries per Google call (``almanac.retry.RetryPolicy``).
         sleep: waits between retried calls (tests pass a recorder).
+        window: ``(start, end)``: push only instances starting in ``[start, end)``, and leave
+            the links of instances outside it alone (the run's sync window); ``None``: all.
+        batch_size: calls per batch request (``google_batch_size``, 1..50).
     Returns:
         One ``ItemResult`` per member (``PUSH_KIND``), in order: ``updated`` / ``unchanged``;
         ``skipped`` (no account, revoked grant); ``error`` with ``permanent`` set when a retry
         cannot help (undecryptable token, target calendar missing, 401). Counts
         ``eventsCreated/Updated/Deleted/Rejected``; ``detail`` lists a few rejections.
     Raises:
-        Only database faults; Google and token problems become per-member results.
+        ConfigError: ``batch_size`` outside 1..50, or a window that ends before it starts.
+        Otherwise only database faults; Google and token problems become per-member results.
     """
     policy = policy or DEFAULT_POLICY
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"google_batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
+    if window is not None and not window[0] < window[1]:
+        raise ConfigError(f"the push window must start before it ends, got {window[0]} .. {window[1]}")
     ids = list(dict.fromkeys(user_ids))
     accounts = load_accounts(conn, ids)
     conn.commit()
@@ -265,15 +297,20 @@ def push_batch(
             results.append(ItemResult(user_id, "skipped", error=f"Google account {account.status}"))
         else:
             results.append(
-                _push_member(conn, account, calendar_ids, cipher, oauth, policy, sleep, client_factory)
+                _push_member(
+                    conn, account, calendar_ids, cipher, oauth, policy, sleep, client_factory,
+                    window, batch_size,
+                )
             )
     return results
 
 
-def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_factory) -> ItemResult:
+def _push_member(
+    conn, account, scope, cipher, oauth, policy, sleep, client_factory, window, batch_size
+) -> ItemResult:
     user_id = account.user_id
     tally = _Tally()
-    work = _plan(conn, account, scope)
+    work = _plan(conn, account, scope, window)
     conn.commit()
     tally.held = work.held
     if not work:
@@ -291,6 +328,7 @@ def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_fact
             policy=policy,
             sleep=sleep,
             user_id=user_id,
+            batch_size=batch_size,
         )
         _apply(conn, client, account, work, tally)
         record_push(conn, user_id, None)
@@ -310,13 +348,21 @@ def _push_member(conn, account, scope, cipher, oauth, policy, sleep, client_fact
         if token:
             save_access_token(conn, cipher, user_id, token, expiry)
     conn.commit()
-    if status == "updated":
-        log.info("user %s: %s", user_id, tally.line())
+    if status == "updated" and client is not None:
+        sent = client.http_requests
+        log.info(
+            "user %s: %s in %d batch + %d single request(s)",
+            user_id, tally.line(), sent["batch"], sent["single"],
+        )
     return tally.result(user_id, status, error, permanent)
 
 
-def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
-    """The member's work; drops links and rejections of another Google account (caller commits)."""
+def _plan(conn, account: GoogleAccount, scope: list[int] | None, window: Window | None = None) -> _Work:
+    """The member's work; drops links and rejections of another Google account (caller commits).
+
+    With a ``window``: only instances starting inside it are desired, and links and rejections
+    of instances that still exist but start outside it are not looked at (left alone).
+    """
     user_id, target, subject = account.user_id, account.target_calendar_id, account.account_subject
     foreign = conn.execute(
         "DELETE FROM google_event_links WHERE user_id = %s AND account_subject IS DISTINCT FROM %s",
@@ -332,7 +378,10 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
             "user %s: Google account changed; %d old links dropped, pushing everything", user_id, foreign
         )
         scope = None
-    params = {"user": user_id, "scope": scope}
+    lo, hi = window if window is not None else (None, None)
+    params = {"user": user_id, "scope": scope, "lo": lo, "hi": hi}
+    # An instance row that exists outside the window is history: its link and rejection are not
+    # looked at. A link whose row is gone has no start to go by: it is handled (deleted).
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """
@@ -341,6 +390,8 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
               JOIN events e ON e.calendar_id = m.calendar_id
              WHERE m.user_id = %(user)s AND e.status <> 'cancelled'
                AND (%(scope)s::bigint[] IS NULL OR m.calendar_id = ANY(%(scope)s::bigint[]))
+               AND (%(lo)s::timestamptz IS NULL
+                    OR (e.starts_at >= %(lo)s::timestamptz AND e.starts_at < %(hi)s::timestamptz))
             """,
             params,
         )
@@ -350,10 +401,17 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
     with conn.cursor(row_factory=class_row(_Link)) as cur:
         cur.execute(
             """
-            SELECT calendar_id, uid, recurrence_id, google_calendar_id, google_event_id, content_hash
-              FROM google_event_links
-             WHERE user_id = %(user)s
-               AND (%(scope)s::bigint[] IS NULL OR calendar_id = ANY(%(scope)s::bigint[]))
+            SELECT l.calendar_id, l.uid, l.recurrence_id, l.google_calendar_id, l.google_event_id,
+                   l.content_hash
+              FROM google_event_links l
+             WHERE l.user_id = %(user)s
+               AND (%(scope)s::bigint[] IS NULL OR l.calendar_id = ANY(%(scope)s::bigint[]))
+               AND (%(lo)s::timestamptz IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM events o
+                                    WHERE o.calendar_id = l.calendar_id AND o.uid = l.uid
+                                      AND o.recurrence_id = l.recurrence_id
+                                      AND (o.starts_at < %(lo)s::timestamptz
+                                           OR o.starts_at >= %(hi)s::timestamptz)))
             """,
             params,
         )
@@ -361,10 +419,16 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
     with conn.cursor(row_factory=class_row(_Rejection)) as cur:
         cur.execute(
             """
-            SELECT calendar_id, uid, recurrence_id, content_hash, operation, google_calendar_id
-              FROM google_push_rejections
-             WHERE user_id = %(user)s
-               AND (%(scope)s::bigint[] IS NULL OR calendar_id = ANY(%(scope)s::bigint[]))
+            SELECT r.calendar_id, r.uid, r.recurrence_id, r.content_hash, r.operation, r.google_calendar_id
+              FROM google_push_rejections r
+             WHERE r.user_id = %(user)s
+               AND (%(scope)s::bigint[] IS NULL OR r.calendar_id = ANY(%(scope)s::bigint[]))
+               AND (%(lo)s::timestamptz IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM events o
+                                    WHERE o.calendar_id = r.calendar_id AND o.uid = r.uid
+                                      AND o.recurrence_id = r.recurrence_id
+                                      AND (o.starts_at < %(lo)s::timestamptz
+                                           OR o.starts_at >= %(hi)s::timestamptz)))
             """,
             params,
         )
@@ -410,6 +474,7 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None) -> _Work:
             """,
             ([k[0] for k in stale], [k[1] for k in stale], [k[2] for k in stale], user_id),
         )
+    work.rejected = set(keep) & set(rejections)
     work.creates.sort()
     work.updates.sort(key=lambda item: item[0])
     work.deletes.sort(key=lambda item: item[0])
@@ -435,72 +500,84 @@ def _load_rows(conn, keys: list[Key]) -> dict[Key, EventRow]:
 
 
 def _apply(conn, client: CalendarClient, account: GoogleAccount, work: _Work, tally: _Tally) -> None:
-    """Make the calls, one event at a time; a per-event refusal is recorded and the rest go on."""
+    """Make the calls in batch requests; a per-event refusal is recorded and the rest go on.
+
+    Deletes first, then inserts, then patches; follow-ups (409 -> patch, 404/410 on a patch ->
+    insert) and retries go in later batches. The links and rejections of each batch request are
+    written in one round trip and committed when its answer is in. A refusal about the member
+    is raised once the rest of its batch is recorded.
+    """
     user_id, target = account.user_id, account.target_calendar_id
-    pending = 0
-
-    def written() -> None:
-        nonlocal pending
-        pending += 1
-        if pending >= _COMMIT_EVERY:
-            conn.commit()
-            pending = 0
-
-    def refused(key: Key, content_hash: str, google_calendar_id: str, refusal: _EventRefused) -> None:
-        _record_rejection(conn, account, key, content_hash, google_calendar_id, refusal, tally)
-        written()
-
-    for key, link in work.deletes:
-        try:
-            client.delete(link.google_calendar_id, link.google_event_id)  # False (404/410): already gone
-        except GoogleApiError as exc:
-            if _about_member(exc, "delete"):
-                raise
-            refused(key, link.content_hash, link.google_calendar_id, _EventRefused("delete", exc))
-            continue
-        conn.execute(
-            "DELETE FROM google_event_links "
-            "WHERE user_id = %s AND calendar_id = %s AND uid = %s AND recurrence_id = %s",
-            (user_id, *key),
+    calls = [
+        Call(
+            "delete",
+            link.google_calendar_id,
+            link.google_event_id,
+            tag=_Step(key, "eventsDeleted", link.content_hash, link.google_calendar_id, link.google_event_id),
         )
-        _forget_rejection(conn, user_id, key)
-        tally.counts["eventsDeleted"] += 1
-        written()
-
+        for key, link in work.deletes
+    ]
     rows = _load_rows(conn, work.creates + [key for key, _ in work.updates])
     for key in work.creates:
         row = rows.get(key)
         if row is None:  # deleted since planning: the next run has nothing to do for it
             continue
-        try:
-            event_id = _insert(client, target, google_event_id(user_id, *key), event_body(row))
-        except _EventRefused as refusal:
-            refused(key, row.content_hash, target, refusal)
-            continue
-        _save_link(conn, account, key, target, event_id, row.content_hash)
-        tally.counts["eventsCreated"] += 1
-        written()
+        body, event_id = event_body(row), google_event_id(user_id, *key)
+        step = _Step(key, "eventsCreated", row.content_hash, target, event_id, body)
+        calls.append(Call("insert", target, body={**body, "id": event_id}, tag=step))
     for key, link in work.updates:
         row = rows.get(key)
         if row is None:
             continue
         body = event_body(row)
-        try:
-            try:
-                client.patch(link.google_calendar_id, link.google_event_id, body)
-                event_id = link.google_event_id
-            except GoogleApiError as exc:
-                if exc.status not in (404, 410):
-                    if _about_member(exc, "patch"):
-                        raise
-                    raise _EventRefused("patch", exc) from exc
-                event_id = _insert(client, link.google_calendar_id, google_event_id(user_id, *key), body)
-        except _EventRefused as refusal:
-            refused(key, row.content_hash, link.google_calendar_id, refusal)
-            continue
-        _save_link(conn, account, key, link.google_calendar_id, event_id, row.content_hash)
-        tally.counts["eventsUpdated"] += 1
-        written()
+        event_id = google_event_id(user_id, *key)
+        step = _Step(key, "eventsUpdated", row.content_hash, link.google_calendar_id, event_id, body)
+        calls.append(Call("patch", link.google_calendar_id, link.google_event_id, body, tag=step))
+
+    # Link writes wait for the end of their batch request and go in one round trip with its commit.
+    saved: list[tuple] = []  # link upserts
+    gone: list[tuple[Key, str]] = []  # links deleted: (key, the Google calendar the copy was in)
+    settled: set[Key] = set()  # keys whose rejection row goes (pushed, or deleted)
+    rejected = set(work.rejected)  # keys with a rejection row, including those recorded now
+
+    def handle(call: Call, outcome: dict | GoogleApiError) -> list[Call]:
+        step: _Step = call.tag
+        if isinstance(outcome, GoogleApiError):
+            status = outcome.status
+            if call.op == "delete" and status in (404, 410):
+                outcome = {}  # already gone: done
+            elif call.op == "insert" and status == 409:  # already there (a lost link): patch it to ours
+                patch = dataclasses.replace(step, after_conflict=True)
+                return [Call("patch", call.calendar_id, step.event_id, step.body, tag=patch)]
+            elif call.op == "patch" and status in (404, 410) and not step.after_conflict:
+                body = {**(step.body or {}), "id": step.event_id}  # gone on Google: insert it again
+                return [Call("insert", call.calendar_id, body=body, tag=step)]
+            else:
+                if _about_member(outcome, call.op):
+                    raise outcome
+                _record_rejection(conn, account, step, call.op, outcome, tally)
+                rejected.add(step.key)
+                return []
+        if call.op == "delete":
+            gone.append((step.key, step.google_calendar_id))
+        else:
+            event_id = outcome.get("id") or call.event_id or step.event_id
+            link = (step.google_calendar_id, event_id, step.content_hash, account.account_subject)
+            saved.append((user_id, *step.key, *link))
+        if step.key in rejected:
+            settled.add(step.key)
+        tally.counts[step.kind] += 1
+        return []
+
+    def flush() -> None:
+        _write_links(conn, user_id, saved, gone, settled)
+        conn.commit()
+        saved.clear()
+        gone.clear()
+        rejected.difference_update(settled)
+        settled.clear()
+
+    client.run(calls, handle, after_request=flush)
 
 
 def _about_member(exc: GoogleApiError, operation: str) -> bool:
@@ -518,39 +595,10 @@ def _about_member(exc: GoogleApiError, operation: str) -> bool:
     return status == 403 and exc.reason in _MEMBER_403_REASONS
 
 
-def _insert(client: CalendarClient, calendar_id: str, event_id: str, body: dict) -> str:
-    """Insert under our deterministic id; if it is already there (409), patch it to ``body``.
-
-    Raises:
-        _EventRefused: Google refused this event (a 409 whose patch fails included).
-        GoogleApiError: a refusal about the member.
-    """
-    try:
-        return client.insert(calendar_id, {**body, "id": event_id})["id"]
-    except GoogleApiError as exc:
-        if exc.status != 409:
-            if _about_member(exc, "insert"):
-                raise
-            raise _EventRefused("insert", exc) from exc
-    try:
-        client.patch(calendar_id, event_id, body)
-    except GoogleApiError as exc:
-        if _about_member(exc, "patch"):
-            raise
-        raise _EventRefused("patch", exc) from exc
-    return event_id
-
-
 def _record_rejection(
-    conn,
-    account: GoogleAccount,
-    key: Key,
-    content_hash: str,
-    google_calendar_id: str,
-    refusal: _EventRefused,
-    tally: _Tally,
+    conn, account: GoogleAccount, step: _Step, operation: str, exc: GoogleApiError, tally: _Tally
 ) -> None:
-    exc = refusal.error
+    key, content_hash, google_calendar_id = step.key, step.content_hash, step.google_calendar_id
     reason = " ".join(str(p) for p in (exc.status, exc.reason) if p) or "refused"
     if exc.google_message:
         reason = f"{reason}: {exc.google_message}"
@@ -571,7 +619,7 @@ def _record_rejection(
             account.user_id,
             *key,
             content_hash,
-            refusal.operation,
+            operation,
             google_calendar_id,
             account.account_subject,
             exc.status,
@@ -584,7 +632,7 @@ def _record_rejection(
             "calendarId": key[0],
             "uid": key[1][:120],
             "recurrenceId": key[2],
-            "operation": refusal.operation,
+            "operation": operation,
             "status": exc.status,
             "reason": reason[:200],
         }
@@ -592,36 +640,63 @@ def _record_rejection(
     log.warning(
         "user %s: Google refused %s of an event of calendar %s: %s",
         account.user_id,
-        refusal.operation,
+        operation,
         key[0],
         reason,
     )
 
 
-def _forget_rejection(conn, user_id: int, key: Key) -> None:
-    conn.execute(
-        "DELETE FROM google_push_rejections "
-        "WHERE user_id = %s AND calendar_id = %s AND uid = %s AND recurrence_id = %s",
-        (user_id, *key),
-    )
-
-
-def _save_link(
-    conn, account: GoogleAccount, key: Key, google_calendar_id: str, event_id: str, content_hash: str
+def _write_links(
+    conn, user_id: int, saved: list[tuple], gone: list[tuple[Key, str]], settled: Iterable[Key]
 ) -> None:
-    conn.execute(
-        """
-        INSERT INTO google_event_links
-               (user_id, calendar_id, uid, recurrence_id, google_calendar_id, google_event_id, content_hash,
-                account_subject)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-        ON CONFLICT (user_id, calendar_id, uid, recurrence_id) DO UPDATE
-           SET google_calendar_id = EXCLUDED.google_calendar_id,
-               google_event_id = EXCLUDED.google_event_id,
-               content_hash = EXCLUDED.content_hash,
-               account_subject = EXCLUDED.account_subject,
-               pushed_at = now()
-        """,
-        (account.user_id, *key, google_calendar_id, event_id, content_hash, account.account_subject),
-    )
-    _forget_rejection(conn, account.user_id, key)
+    """Write what one batch request did (the caller commits): the links of pushed copies, the
+    removal of deleted ones, and the rejection rows those settle.
+
+    A deleted copy's link goes only if it still points into the calendar the copy was deleted
+    from: a copy moved to another calendar may be linked there already.
+    """
+    with conn.cursor() as cur:
+        if gone:
+            cur.execute(
+                """
+                DELETE FROM google_event_links l
+                 USING unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])
+                       AS k(calendar_id, uid, recurrence_id, google_calendar_id)
+                 WHERE l.user_id = %s AND l.calendar_id = k.calendar_id AND l.uid = k.uid
+                   AND l.recurrence_id = k.recurrence_id AND l.google_calendar_id = k.google_calendar_id
+                """,
+                (
+                    [k[0] for k, _ in gone],
+                    [k[1] for k, _ in gone],
+                    [k[2] for k, _ in gone],
+                    [c for _, c in gone],
+                    user_id,
+                ),
+            )
+        if saved:
+            cur.executemany(
+                """
+                INSERT INTO google_event_links
+                       (user_id, calendar_id, uid, recurrence_id, google_calendar_id, google_event_id,
+                        content_hash, account_subject)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (user_id, calendar_id, uid, recurrence_id) DO UPDATE
+                   SET google_calendar_id = EXCLUDED.google_calendar_id,
+                       google_event_id = EXCLUDED.google_event_id,
+                       content_hash = EXCLUDED.content_hash,
+                       account_subject = EXCLUDED.account_subject,
+                       pushed_at = now()
+                """,
+                saved,
+            )
+        keys = sorted(settled)
+        if keys:
+            cur.execute(
+                """
+                DELETE FROM google_push_rejections r
+                 USING unnest(%s::bigint[], %s::text[], %s::text[]) AS k(calendar_id, uid, recurrence_id)
+                 WHERE r.user_id = %s AND r.calendar_id = k.calendar_id AND r.uid = k.uid
+                   AND r.recurrence_id = k.recurrence_id
+                """,
+                ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], user_id),
+            )

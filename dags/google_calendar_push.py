@@ -5,7 +5,9 @@ Works out the run's scope (the calendars that changed plus every calendar still 
 `calendar_push_pending`, or every calendar), lists the members
 with an active Google account who have something in that scope, cuts them into batches
 (`google_push_batch_size`, default 100) and reconciles each batch in a mapped task: per
-member, the instances of their calendars (`events`, cancelled ones excluded) are compared with
+member, the instances of their calendars (`events`, cancelled ones excluded) that start inside
+the run's sync window (`ics_window_days_back/ahead` around the run's data interval end, the
+window `ics_sync` keeps) are compared with
 what was pushed to the member's *current* Google account (`google_event_links`) — new ones
 are inserted, changed ones (other `content_hash`) patched, vanished ones deleted on Google.
 `summarize` returns `{totalMembers, successCount, errorCount, skippedCount, busyCount,
@@ -39,7 +41,8 @@ changes anything; reruns and manual full runs converge.
 
 ### Side effects
 Google Calendar API v3 `events.insert/patch/delete` on each member's target calendar
-(`google_accounts.target_calendar_id`, default `primary`), with `sendUpdates=none`. Writes
+(`google_accounts.target_calendar_id`, default `primary`), with `sendUpdates=none`, in Calendar
+batch requests of `google_batch_size` (at most 50) calls. Writes
 `google_event_links`, `google_push_rejections` (events Google refused, with its reason),
 deletes from `calendar_push_pending`, and in `google_accounts` the refreshed access token
 (Fernet-encrypted), `status`, `last_error`, `last_push_at`.
@@ -48,7 +51,8 @@ deletes from `calendar_push_pending`, and in `google_accounts` the refreshed acc
 `max_active_runs=1` (runs never overlap, so one member is never pushed twice at once). At most
 4 batches at a time. Each Google call: a 401 refreshes the token once and retries once; 429
 and 5xx are retried `google_request_attempts` times honouring Retry-After (each wait capped at
-`google_retry_max_wait_s`; the shared `almanac.retry` policy). Task retries: 2, after ~30 s
+`google_retry_max_wait_s`; the shared `almanac.retry` policy; a call answered 429/5xx goes again
+in a later batch request). Task retries: 2, after ~30 s
 and ~60 s; permanent errors are not retried.
 
 ### Failure handling

@@ -119,7 +119,8 @@ def summarize_batch(
     change nothing (the caller then fails it without retries).
     """
     failed = [r for r in results if r.status in FAILED_STATUSES]
-    listed = [r for r in results if keep_unchanged or r.status != "unchanged"]
+    # Unchanged items are only counted, unless they carry something to show (warnings...).
+    listed = [r for r in results if keep_unchanged or r.status != "unchanged" or r.detail]
     summary: dict[str, Any] = {
         kind.total_key: len(results),
         "successCount": sum(r.status in SUCCESS_STATUSES for r in results),

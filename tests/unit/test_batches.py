@@ -43,6 +43,11 @@ def test_summary_counts_each_status_and_lists_all_but_unchanged():
     assert not summary["batchFailed"] and not summary["permanentOnly"]  # busy is retryable
 
 
+def test_an_unchanged_item_with_something_to_show_is_listed():
+    results = [ItemResult(1, "unchanged"), ItemResult(2, "unchanged", detail={"warningCount": 1})]
+    assert [r["calendarId"] for r in summarize_batch(KIND, results)["results"]] == [2]
+
+
 def test_a_batch_fails_past_the_threshold_and_says_whether_a_retry_can_help():
     permanent = [ItemResult(i, "error", permanent=True) for i in (1, 2)] + [ItemResult(3, "unchanged")]
     summary = summarize_batch(KIND, permanent, failure_percent=50)

@@ -9,7 +9,9 @@
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
 Variable the DAGs read). Feed hosts the address guard lets through: ``--allow-host`` or the
-``ics_allow_hosts`` setting.
+``ics_allow_hosts`` setting. Feeds are fetched exactly as the DAG fetches them
+(``almanac.ics.fetch.fetch_with_settings``: same guard, limits and retries); retries are logged
+on stderr as they happen, and an error ends the command with one ``almanac: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -79,10 +81,20 @@ def _day(value: str) -> date:
 
 
 def _settings():
+    """The job settings the DAGs would use: defaults overridden by ``AIRFLOW_VAR_ALMANAC_SETTINGS``."""
+    from almanac.errors import ConfigError
     from almanac.settings import Settings
 
     raw = os.environ.get("AIRFLOW_VAR_ALMANAC_SETTINGS")
-    return Settings.from_mapping(json.loads(raw) if raw else None)
+    try:
+        overrides = json.loads(raw) if raw else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"AIRFLOW_VAR_ALMANAC_SETTINGS is not JSON ({exc})") from exc
+    return Settings.from_mapping(overrides)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "almanac: " + " ".join(str(exc).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _inspect(args)
         except AlmanacError as exc:
-            print(f"almanac: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+            print(_one_line(exc), file=sys.stderr)
             return 2
     try:
         conn = connect(args.db_url)
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             conn.close()
     except AlmanacError as exc:
-        print(f"almanac: {exc}", file=sys.stderr)
+        print(_one_line(exc), file=sys.stderr)
         return 2
 
 
@@ -145,6 +157,7 @@ def _run(args: argparse.Namespace, conn) -> int:
 
         from almanac.batches import summarize_batch
         from almanac.db.redis_conn import connect_redis
+        from almanac.ics.fetch import new_session
         from almanac.ics.sync import ICS_KIND, sync_batch
         from almanac.leases import LeaseKeeper
 
@@ -157,13 +170,14 @@ def _run(args: argparse.Namespace, conn) -> int:
             if os.environ.get("ALMANAC_REDIS_URL")
             else nullcontext(None)
         )
-        with keeper as leases:
+        with keeper as leases, new_session() as session:
             results = sync_batch(
                 conn,
                 [args.calendar_id],
                 instant=datetime.now(UTC),
                 settings=settings,
                 leases=leases,
+                session=session,
                 allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
             )
         summary = summarize_batch(ICS_KIND, results, keep_unchanged=True)
@@ -180,24 +194,31 @@ def _inspect(args: argparse.Namespace) -> int:
     end = args.end or today + timedelta(days=365)
     window_start = datetime.combine(start, datetime.min.time(), UTC)
     window_end = datetime.combine(end, datetime.min.time(), UTC)
+    settings = _settings()
     if "://" in args.source:
-        from almanac.ics.fetch import fetch_feed
+        from almanac.ics.fetch import fetch_with_settings
 
-        settings = _settings()
-        body = fetch_feed(
-            args.source,
-            allow_hosts=settings.ics_allow_host_set | frozenset(args.allow_host),
-            max_bytes=settings.ics_max_bytes,
-        ).body
+        # The DAG's fetch path and settings: guard, limits, redirects and retries alike.
+        body = fetch_with_settings(args.source, settings, allow_hosts=frozenset(args.allow_host)).body
     else:
         try:
             body = Path(args.source).read_bytes()
         except OSError as exc:
             print(f"almanac: cannot read {args.source}: {exc.strerror}", file=sys.stderr)
             return 2
-    result = parse_feed(body, window_start=window_start, window_end=window_end, calendar_tz=args.tz)
+    result = parse_feed(
+        body,
+        window_start=window_start,
+        window_end=window_end,
+        calendar_tz=args.tz,
+        max_instances=settings.ics_max_instances,
+        max_instances_per_series=settings.ics_max_instances_per_series,
+        max_event_text_chars=settings.ics_max_event_text_chars,
+        max_feed_text_chars=settings.ics_max_feed_text_chars,
+    )
+    # Problems go to stderr in both output modes, so stdout stays one row per instance.
     for problem in result.problems:
-        print(f"almanac: warning: {problem}", file=sys.stderr)
+        print(f"almanac: warning: {' '.join(str(problem).split())}", file=sys.stderr)
     out = sys.stdout
     for inst in result.instances:
         row = {
@@ -207,11 +228,13 @@ def _inspect(args: argparse.Namespace) -> int:
             "end": inst.end.isoformat(),
             "all_day": inst.all_day,
             "summary": inst.summary,
-            "status": inst.status,
+            # As the feed states it, lower-cased (null when it states none), not the stored value.
+            "status": inst.status_stated,
             "location": inst.location,
         }
         if args.table:
-            out.write(f"{row['start']:<26} {row['end']:<26} {row['summary'][:60]}\n")
+            status = row["status"] or "-"
+            out.write(f"{row['start']:<26} {row['end']:<26} {status:<10} {row['summary'][:60]}\n")
         else:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0

@@ -4,16 +4,30 @@ Reading is lenient (BOM, bare CR, invalid UTF-8, junk lines, several VCALENDARs,
 expansion uses ``recurring_ical_events`` one series at a time, so one bad series is skipped and
 noted in ``ParseResult.problems`` instead of losing the feed. Only a body that is not iCalendar
 at all raises ``FeedParseError``.
+
+Lengths follow RFC 5545 (3.3.6, 3.8.2.5, 3.8.5.3): DTEND - DTSTART is an exact (elapsed) duration
+that every instance of the series keeps; a DURATION is exact in hours, minutes and seconds and
+nominal (same wall-clock time) in days and weeks. Lines are unfolded on octets before decoding
+(3.1: a fold may split a multi-octet character).
+
+Hostile feeds are bounded here, series by series: a degenerate rule (INTERVAL=0, a date that
+cannot exist, absurd COUNT or BYxxx values, far too many occurrences before the window) is
+skipped before it reaches the expansion library; a runaway series keeps its first
+``max_instances_per_series`` instances; ``max_instances`` is shared fairly between series;
+each SUMMARY/DESCRIPTION/LOCATION is cut to ``max_event_text_chars`` and the feed's text over all
+its instances to ``max_feed_text_chars``. Each of these adds one warning to ``problems``.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 
@@ -28,7 +42,7 @@ from almanac.errors import PermanentError
 from almanac.ics.timezones import ZoneResolver, zone_name
 from almanac.timeconv import UTC, as_utc
 
-__all__ = ["FeedParseError", "Instance", "ParseResult", "parse_feed"]
+__all__ = ["CUT_MARK", "MAX_PROBLEMS", "FeedParseError", "Instance", "ParseResult", "parse_feed"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +52,50 @@ _ICAL_START = re.compile(r"^BEGIN:(VCALENDAR|VEVENT)[ \t]*$", re.IGNORECASE | re
 _CONTENT_LINE = re.compile(r"^[A-Za-z0-9-]+[;:]")
 _RANGE_STASH = "X-ALMANAC-RANGE"
 _VALUE_IN_TZID = re.compile(r"^(.+):(\d{8}(?:T\d{6}Z?)?)$")
-# Frequencies whose rule lists can get huge inside a long window; they are expanded a day at a time.
-_CHUNKED_FREQS = {"SECONDLY": timedelta(hours=1), "MINUTELY": timedelta(days=1), "HOURLY": timedelta(days=30)}
+_FOLD = re.compile(rb"\n[ \t]")
+# DURATION lines, and RDATE lines with a PERIOD given as start/duration: their value is kept as
+# written in a parameter, because icalendar reads PT24H and P1D as the same timedelta.
+_RAW_LINE = re.compile(r"^(DURATION|RDATE)([;:].*)$", re.IGNORECASE | re.MULTILINE)
+_PERIOD_WITH_DURATION = re.compile(r"/[+-]?P", re.IGNORECASE)
+_RAW_PARAM = "X-ALMANAC-RAW"
+_PERIODS_STASH = "X-ALMANAC-PERIOD-DURATIONS"
+_DURATION = re.compile(
+    r"^([+-])?P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.IGNORECASE
+)
+#: What a cut text ends with.
+CUT_MARK = "\u2026 [truncated]"
+#: At most this many problems are listed; the last line then says how many more there were.
+MAX_PROBLEMS = 200
+# A rule that would produce more occurrences than this between its DTSTART and the window is
+# refused: the expansion library walks (and caches) every one of them before the window starts.
+_MAX_STEPS_BEFORE_WINDOW = 2_000_000
+_MAX_COUNT = 1_000_000
+# Rules expected to produce more than this many starts in the window are expanded piece by piece.
+_CHUNK_TARGET = 5_000
+_MIN_CHUNK = timedelta(hours=1)
+_FREQ_SECONDS = {
+    "SECONDLY": 1,
+    "MINUTELY": 60,
+    "HOURLY": 3_600,
+    "DAILY": 86_400,
+    "WEEKLY": 7 * 86_400,
+    "MONTHLY": 28 * 86_400,
+    "YEARLY": 365 * 86_400,
+}
+_FREQ_RANK = {name: rank for rank, name in enumerate(_FREQ_SECONDS)}
+# RFC 5545 3.3.10 value ranges (a leap second is allowed).
+_RANGES = {
+    "BYSECOND": (0, 60, False),
+    "BYMINUTE": (0, 59, False),
+    "BYHOUR": (0, 23, False),
+    "BYMONTHDAY": (1, 31, True),
+    "BYYEARDAY": (1, 366, True),
+    "BYWEEKNO": (1, 53, True),
+    "BYMONTH": (1, 12, False),
+    "BYSETPOS": (1, 366, True),
+}
+_BYDAY = re.compile(r"^([+-]?\d{1,3})?(MO|TU|WE|TH|FR|SA|SU)$", re.IGNORECASE)
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February: in a leap year
 
 
 class FeedParseError(PermanentError):
@@ -52,7 +108,11 @@ class FeedParseError(PermanentError):
 
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """One occurrence of an event, identified by ``(uid, recurrence_id)``."""
+    """One occurrence of an event, identified by ``(uid, recurrence_id)``. Picklable.
+
+    ``status`` is ``confirmed`` or ``tentative`` (``confirmed`` when the feed says nothing);
+    ``status_stated`` is the feed's STATUS as written, lower-cased, or None when it has none.
+    """
 
     uid: str
     recurrence_id: str
@@ -64,6 +124,7 @@ class Instance:
     start: datetime | date
     end: datetime | date
     content_hash: str
+    status_stated: str | None = None
 
     @property
     def starts_at(self) -> datetime:
@@ -78,6 +139,9 @@ class Instance:
 
 @dataclass
 class ParseResult:
+    """The instances of a feed and its problems: one operator-readable warning per skipped or cut
+    thing (series skipped, series or feed capped, text cut), at most ``MAX_PROBLEMS`` lines."""
+
     instances: list[Instance] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -89,6 +153,9 @@ def parse_feed(
     window_end: datetime,
     calendar_tz: str = "UTC",
     max_instances: int = 200_000,
+    max_instances_per_series: int = 20_000,
+    max_event_text_chars: int = 50_000,
+    max_feed_text_chars: int = 50_000_000,
 ) -> ParseResult:
     """Expand a feed's events into the instances that START in ``[window_start, window_end)``.
 
@@ -96,17 +163,24 @@ def parse_feed(
         body: the feed as fetched (any line endings, BOM, invalid UTF-8 tolerated).
         window_start, window_end: aware datetimes; compared in UTC (all-day: their 00:00 UTC).
         calendar_tz: IANA zone for floating times and unknown TZIDs.
-        max_instances: cap on the number of instances returned (a problem is noted when hit).
+        max_instances: instances returned at most. When the series together have more, every
+            series keeps its first ``k`` instances, ``k`` as large as fits (one warning each).
+        max_instances_per_series: instances of one series (one UID) kept at most: its first ones.
+        max_event_text_chars: SUMMARY, DESCRIPTION and LOCATION are each cut to this many
+            characters, ending in ``CUT_MARK``.
+        max_feed_text_chars: those three texts summed over all instances returned are cut to
+            this: every text longer than some ``L`` is cut to ``L`` characters, ``L`` as large as fits.
 
     Returns:
         ``ParseResult`` with instances sorted by ``(starts_at, uid, recurrence_id)`` and the
-        per-series problems that were skipped.
+        problems: what was skipped, capped or cut.
 
     Raises:
         FeedParseError: the body is not iCalendar at all.
     """
     if window_start.tzinfo is None or window_end.tzinfo is None:
         raise ValueError("window_start and window_end must be timezone-aware")
+    limits = _Limits(max_instances, max_instances_per_series, max_event_text_chars, max_feed_text_chars)
     problems: list[str] = []
     default_tz = ZoneResolver().resolve(calendar_tz) if calendar_tz else None
     if default_tz is None:
@@ -122,10 +196,27 @@ def parse_feed(
             window_start.astimezone(UTC),
             window_end.astimezone(UTC),
             default_tz,
-            max_instances,
+            limits,
             problems,
         )
+    instances = _apply_text_budget(instances, max_feed_text_chars, problems)
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - (MAX_PROBLEMS - 1)
+        problems[MAX_PROBLEMS - 1 :] = [f"... and {more} more problem(s) not listed"]
     return ParseResult(instances=instances, problems=problems)
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    instances: int
+    per_series: int
+    event_text: int
+    feed_text: int
+
+    def __post_init__(self) -> None:
+        for name in ("instances", "per_series", "event_text", "feed_text"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parse_feed limits must be at least 1 (max {name})")
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -136,14 +227,41 @@ def _decode(body: bytes) -> str:
         raise FeedParseError("the feed is empty")
     if body.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = body.decode("utf-16", errors="replace")
+        text = re.sub(r"\n[ \t]", "", text.replace("\r\n", "\n").replace("\r", "\n"))
     else:
-        text = body.decode("utf-8-sig", errors="replace")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # CRLF, LF and old-Mac bare CR alike
+        # CRLF, LF and old-Mac bare CR alike, then unfold on octets (RFC 5545 3.1: a fold may split
+        # a multi-octet UTF-8 character) and only then decode. CR and LF never occur inside one.
+        raw = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        text = _FOLD.sub(b"", raw).decode("utf-8-sig", errors="replace")
     if not _ICAL_START.search(text):
         start = "".join(c if c.isprintable() else "?" for c in text.lstrip()[:40])
         raise FeedParseError(f"the feed is not iCalendar: no BEGIN:VCALENDAR line (it starts with {start!r})")
+    text = _RAW_LINE.sub(_keep_raw_value, text)
     # A trailing newline also keeps icalendar from probing a one-line body as a file path.
     return text if text.endswith("\n") else text + "\n"
+
+
+def _keep_raw_value(match: re.Match) -> str:
+    """``DURATION:PT24H`` -> ``DURATION;X-ALMANAC-RAW="PT24H":PT24H`` (and RDATE periods with durations)."""
+    name, rest = match.group(1), match.group(2)
+    colon = _value_colon(rest)
+    if colon < 0:
+        return match.group(0)
+    value = rest[colon + 1 :].strip()
+    if '"' in value or (name.upper() == "RDATE" and not _PERIOD_WITH_DURATION.search(value)):
+        return match.group(0)
+    return f'{name}{rest[:colon]};{_RAW_PARAM}="{value}"{rest[colon:]}'
+
+
+def _value_colon(rest: str) -> int:
+    """The index of the colon that starts a content line's value (colons in quoted parameters skipped)."""
+    quoted = False
+    for index, char in enumerate(rest):
+        if char == '"':
+            quoted = not quoted
+        elif char == ":" and not quoted:
+            return index
+    return -1
 
 
 def _read_components(text: str, problems: list[str]) -> list[icalendar.Component]:
@@ -245,6 +363,7 @@ def _prepare_events(
             _set_uid(event)
             _repair_broken(event, problems)
             _apply_tzids(event, resolver, default_tz, unknown)
+            _stash_period_durations(event)
             if "RECURRENCE-ID" in event and "RANGE" in event["RECURRENCE-ID"].params:
                 event[_RANGE_STASH] = event["RECURRENCE-ID"].params["RANGE"]
         x_wr = _x_wr_timezone(calendar, resolver, problems)
@@ -360,6 +479,26 @@ def _apply_tzids(
         event[name] = changed if isinstance(event[name], list) else changed[0]
 
 
+def _stash_period_durations(event: icalendar.Event) -> None:
+    """Note, by position, the DURATION text of each RDATE PERIOD (x_wr_timezone rebuilds RDATE lists
+    without their parameters)."""
+    entries = []
+    index = 0
+    for value in _as_list(event.get("RDATE")):
+        if not isinstance(value, vDDDLists):
+            continue
+        raw = value.params.get(_RAW_PARAM)
+        parts = str(raw).split(",") if raw else []
+        aligned = len(parts) == len(value.dts)
+        for position, item in enumerate(value.dts):
+            dt = item.dt
+            if aligned and isinstance(dt, tuple) and isinstance(dt[1], timedelta) and "/" in parts[position]:
+                entries.append(f"{index}={parts[position].split('/', 1)[1].strip()}")
+            index += 1
+    if entries:
+        event[_PERIODS_STASH] = ";".join(entries)
+
+
 def _x_wr_timezone(
     calendar: icalendar.Component, resolver: ZoneResolver, problems: list[str]
 ) -> tzinfo | None:
@@ -422,12 +561,23 @@ def _consistent_until(start: date | datetime, until: date | datetime, default_tz
 # --- expanding -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """What every instance of one component shares: its texts (already cut) and status."""
+
+    summary: str
+    description: str
+    location: str
+    status: str
+    status_stated: str | None
+
+
 def _expand(
     events: list[icalendar.Event],
     window_start: datetime,
     window_end: datetime,
     default_tz: tzinfo,
-    max_instances: int,
+    limits: _Limits,
     problems: list[str],
 ) -> list[Instance]:
     # For one (UID, RECURRENCE-ID) the highest SEQUENCE wins; on a tie the LAST in the file
@@ -440,33 +590,138 @@ def _expand(
         kept = series.setdefault(str(event["UID"]), {})
         if key not in kept or sequence >= kept[key][0]:
             kept[key] = (sequence, event)
-    found: dict[tuple[str, str], Instance] = {}
-    capped = False
+    fields = _field_reader(limits.event_text, problems)
+    by_series: dict[str, list[Instance]] = {}
+    more: set[str] = set()  # series that had more instances in the window than they keep
+    level = limits.per_series  # instances each series may keep; lowered when the feed is full
+    total = 0
     for uid, by_rid in series.items():
+        components = [e for _, e in by_rid.values()]
+        master = by_rid.get(None, (0, None))[1]
+        reason = _degenerate(master, window_start, window_end) if master is not None else None
+        if reason is not None:
+            problems.append(f"event {uid[:80]}: {reason}; series skipped")
+            continue
+        limit = min(limits.per_series, level)
+        found: dict[str, Instance] = {}
         try:
-            for instance in _expand_series(
-                uid, [e for _, e in by_rid.values()], window_start, window_end, default_tz
-            ):
-                key = (instance.uid, instance.recurrence_id)
-                if key in found:
-                    if found[key] != instance:
-                        problems.append(
-                            f"event {uid[:80]}: two instances with recurrence id {key[1]!r}; kept one"
-                        )
-                    continue
-                found[key] = instance
-                if len(found) > max_instances:
-                    capped = True
+            for batch in _expand_series(uid, components, window_start, window_end, default_tz, fields):
+                for instance in batch:
+                    if instance.recurrence_id in found:
+                        if found[instance.recurrence_id] != instance:
+                            problems.append(
+                                f"event {uid[:80]}: two instances with recurrence id "
+                                f"{instance.recurrence_id!r}; kept one"
+                            )
+                        continue
+                    found[instance.recurrence_id] = instance
+                if len(found) > limit:  # later pieces of the window only hold later starts
                     break
         except Exception as e:  # one bad series must not lose the rest of the feed
             problems.append(f"event {uid[:80]}: skipped ({_short(e)})")
-        if capped:
-            break
-    instances = sorted(found.values(), key=lambda i: (i.starts_at, i.uid, i.recurrence_id))
-    if capped:
-        problems.append(f"more than {max_instances} instances in the window; kept {max_instances}")
-        instances = instances[:max_instances]
-    return instances
+            continue
+        instances = sorted(found.values(), key=_order)
+        if len(instances) > limit:
+            more.add(uid)
+            del instances[limit:]
+        if uid in more and limit == limits.per_series:
+            problems.append(
+                f"event {uid[:80]}: more than {limits.per_series} instances in the window; "
+                f"kept the first {limits.per_series}"
+            )
+        by_series[uid] = instances
+        total += len(instances)
+        # Lower the level with some slack (half the cap) so that a feed of very many series is
+        # not recounted after each one; the last trim below makes it exact.
+        if total > limits.instances + limits.instances // 2 and level > 1:
+            level, total = _trim(by_series, more, limits.instances)
+    if total > limits.instances and level > 1:
+        level, total = _trim(by_series, more, limits.instances)
+    result = sorted((i for v in by_series.values() for i in v), key=_order)
+    cut = sorted(uid for uid, v in by_series.items() if uid in more and len(v) == level)
+    if level < limits.per_series and cut:
+        problems.append(
+            f"more than {limits.instances} instances in the window over {len(by_series)} series; "
+            f"kept the first {level} of each ({len(cut)} series cut)"
+        )
+        problems.extend(
+            f"event {uid[:80]}: kept only its first {level} instances (the feed is over its cap)"
+            for uid in cut
+        )
+    if len(result) > limits.instances:  # more series than instances allowed: keep the earliest
+        problems.append(
+            f"{len(by_series)} series in the window, more than the {limits.instances} instances allowed; "
+            f"kept the earliest {limits.instances}"
+        )
+        del result[limits.instances :]
+    return result
+
+
+def _order(instance: Instance) -> tuple:
+    return (instance.starts_at, instance.uid, instance.recurrence_id)
+
+
+def _trim(by_series: dict[str, list[Instance]], more: set[str], budget: int) -> tuple[int, int]:
+    """Keep the first ``level`` instances of every series, ``level`` as large as ``budget`` allows."""
+    level = _water_level([len(v) for v in by_series.values()], budget)
+    for uid, instances in by_series.items():
+        if len(instances) > level:
+            more.add(uid)
+            del instances[level:]
+    return level, sum(len(v) for v in by_series.values())
+
+
+def _water_level(counts: list[int], budget: int) -> int:
+    """The largest ``k >= 1`` with ``sum(min(c, k)) <= budget`` (1 when even that is too many)."""
+    low, high = 1, max(counts, default=1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(min(c, middle) for c in counts) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _field_reader(max_chars: int, problems: list[str]) -> Callable[[icalendar.Event], _Fields]:
+    """Read a component's texts and status once (cut to ``max_chars`` each, a problem per cut)."""
+    cache: dict[int, _Fields] = {}
+
+    def read(component: icalendar.Event) -> _Fields:
+        known = cache.get(id(component))
+        if known is not None:
+            return known
+        texts = {}
+        for name in ("SUMMARY", "DESCRIPTION", "LOCATION"):
+            text = _text(component.get(name))
+            if len(text) > max_chars:
+                problems.append(
+                    f"event {_short_uid(component)}: {name} has {len(text)} characters; "
+                    f"cut to {max_chars} (ends in {CUT_MARK!r})"
+                )
+                text = _cut(text, max_chars)
+            texts[name] = text
+        stated = _text(component.get("STATUS")).strip().lower() or None
+        fields = _Fields(
+            summary=texts["SUMMARY"],
+            description=texts["DESCRIPTION"],
+            location=texts["LOCATION"],
+            status="tentative" if stated == "tentative" else "confirmed",
+            status_stated=stated,
+        )
+        cache[id(component)] = fields
+        return fields
+
+    return read
+
+
+def _cut(text: str, length: int) -> str:
+    """``text`` cut to ``length`` characters, the last ones being ``CUT_MARK`` when it fits."""
+    if len(text) <= length:
+        return text
+    if length <= len(CUT_MARK):
+        return text[:length]
+    return text[: length - len(CUT_MARK)] + CUT_MARK
 
 
 def _expand_series(
@@ -475,22 +730,28 @@ def _expand_series(
     window_start: datetime,
     window_end: datetime,
     default_tz: tzinfo,
-) -> Iterator[Instance]:
+    fields: Callable[[icalendar.Event], _Fields],
+) -> Iterator[list[Instance]]:
+    """The instances of one series, one list per piece of the window, pieces in time order."""
     adapters = [EventAdapter(c) for c in components]
     master = next((a for a in adapters if not a.is_modification()), None)
     recurring = master is not None and ("RRULE" in master._component or "RDATE" in master._component)
     all_day_series = master is not None and not isinstance(master._component["DTSTART"].dt, datetime)
+    periods = _period_lengths(master._component) if master is not None else {}
+    lengths: dict[int, _Length | None] = {}
     series = Series(adapters)
     for chunk_start, chunk_end in _chunks(master, window_start, window_end):
+        batch = []
         for occurrence in series.between(chunk_start, chunk_end):
             adapter = occurrence._adapter  # the source component, without a copy per instance
             component = adapter._component
-            status = str(component.get("STATUS", "") or "").strip().upper()
-            if status == "CANCELLED":
+            shared = fields(component)
+            if shared.status_stated == "cancelled":
                 continue
             start, end = occurrence.start, occurrence.end
             if not chunk_start <= as_utc(start) < chunk_end:
                 continue
+            original = start
             if adapter.is_modification():
                 original = component["RECURRENCE-ID"].dt
                 if adapter.this_and_future:
@@ -501,31 +762,231 @@ def _expand_series(
                 recurrence_id = _format_rid(start, all_day_series, default_tz)
             else:
                 recurrence_id = ""
-            yield _instance(uid, recurrence_id, component, status, start, end)
+            if isinstance(start, datetime):
+                length = None
+                if periods and (not adapter.is_modification() or adapter.this_and_future):
+                    length = next((periods[r] for r in to_recurrence_ids(original) if r in periods), None)
+                if length is None:
+                    if id(adapter) not in lengths:
+                        lengths[id(adapter)] = _length_of(adapter)
+                    length = lengths[id(adapter)]
+                if length is not None:
+                    end = length.end(start)
+            batch.append(_instance(uid, recurrence_id, shared, start, end))
+        yield batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Length:
+    """How long an instance lasts (RFC 5545 3.3.6): nominal days, then exact elapsed time."""
+
+    days: int = 0
+    exact: timedelta = timedelta(0)
+
+    def end(self, start: datetime) -> datetime:
+        """The end of an instance that starts at ``start`` (a nonexistent wall time moves forward)."""
+        tz = start.tzinfo
+        base = start.astimezone(UTC)
+        if self.days:  # the same wall-clock time, ``days`` later (fold=0 in a gap or overlap)
+            wall = base.astimezone(tz).replace(tzinfo=None) + timedelta(days=self.days)
+            base = wall.replace(tzinfo=tz).astimezone(UTC)
+        return (base + self.exact).astimezone(tz)
+
+
+def _parse_duration(raw: object) -> _Length | None:
+    match = _DURATION.match(str(raw).strip()) if raw else None
+    if match is None or not any(match.groups()[1:]):
+        return None
+    sign = -1 if match.group(1) == "-" else 1
+    weeks, days, hours, minutes, seconds = (int(g or 0) for g in match.groups()[1:])
+    return _Length(
+        days=sign * (weeks * 7 + days),
+        exact=sign * timedelta(hours=hours, minutes=minutes, seconds=seconds),
+    )
+
+
+def _from_timedelta(value: timedelta) -> _Length:
+    """When the text is gone: whole days nominal, the rest exact (PT24H then reads as P1D)."""
+    return _Length(days=value.days, exact=value - timedelta(days=value.days))
+
+
+def _length_of(adapter: EventAdapter) -> _Length | None:
+    """The length every instance of this component keeps; None: leave the library's end.
+
+    DTEND - DTSTART is exact (3.8.5.3: "the same exact duration will apply to all the members of
+    the generated recurrence set"); a DURATION is nominal in days and weeks and exact in hours,
+    minutes and seconds (3.3.6). All-day starts keep the library's date arithmetic.
+    """
+    component = adapter._component
+    start, end = adapter.start, adapter.end  # put in order by the library (swapped start and end)
+    if not isinstance(start, datetime) or start.tzinfo is None:
+        return None
+    duration = component.get("DURATION")
+    if "DTEND" not in component and duration is not None and isinstance(duration.dt, timedelta):
+        if duration.dt >= timedelta(0):
+            length = _parse_duration(duration.params.get(_RAW_PARAM))
+            if length is None or timedelta(days=length.days) + length.exact != duration.dt:
+                length = _from_timedelta(duration.dt)
+            return length
+    if isinstance(end, datetime) and end.tzinfo is not None:
+        return _Length(exact=end.astimezone(UTC) - start.astimezone(UTC))
+    return None
+
+
+def _period_lengths(component: icalendar.Event) -> dict[object, _Length]:
+    """The length of each RDATE PERIOD of a master, by the recurrence ids of its start."""
+    stash = {}
+    for entry in str(component.get(_PERIODS_STASH, "") or "").split(";"):
+        index, _, text = entry.partition("=")
+        if index.isdigit():
+            stash[int(index)] = text
+    result: dict[object, _Length] = {}
+    index = -1
+    for value in _as_list(component.get("RDATE")):
+        for item in getattr(value, "dts", ()):
+            index += 1
+            dt = item.dt
+            if not (isinstance(dt, tuple) and isinstance(dt[0], datetime) and dt[0].tzinfo is not None):
+                continue
+            start, other = dt
+            if isinstance(other, timedelta):
+                length = _parse_duration(stash.get(index))
+                if length is None or timedelta(days=length.days) + length.exact != other:
+                    length = _from_timedelta(other)
+            elif isinstance(other, datetime) and other.tzinfo is not None:
+                length = _Length(exact=other.astimezone(UTC) - start.astimezone(UTC))
+            else:
+                continue
+            for rid in to_recurrence_ids(start):
+                result[rid] = length
+    return result
 
 
 def _chunks(
     master: EventAdapter | None, start: datetime, end: datetime
 ) -> Iterator[tuple[datetime, datetime]]:
     """The window, cut into pieces for rules that produce very many starts (dateutil lists them)."""
-    step = None
-    if master is not None:
-        for rule in _as_list(master._component.get("RRULE")):
-            if isinstance(rule, vRecur) and rule.get("FREQ"):
-                step = _CHUNKED_FREQS.get(str(rule["FREQ"][0]).upper(), step)
-    if step is None:
+    rules = _as_list(master._component.get("RRULE")) if master is not None else []
+    rate = sum(_rate(rule) for rule in rules if isinstance(rule, vRecur))
+    if rate * (end - start).total_seconds() <= _CHUNK_TARGET:
         yield start, end
         return
+    step = max(_MIN_CHUNK, timedelta(seconds=_CHUNK_TARGET / rate))
     while start < end:
         yield start, min(start + step, end)
         start += step
 
 
+# --- degenerate rules ------------------------------------------------------------------------
+
+
+def _degenerate(event: icalendar.Event, window_start: datetime, window_end: datetime) -> str | None:
+    """Why a master's RRULE must not be expanded (cheap checks before the library sees it), or None."""
+    for rule in _as_list(event.get("RRULE")):
+        if not isinstance(rule, vRecur):
+            continue  # unreadable text: the library refuses it and the series is skipped
+        text = rule.to_ical().decode(errors="replace")[:120]
+        reason = _rule_problem(rule)
+        if reason is None:
+            reason = _too_many_before(rule, event["DTSTART"].dt, window_start)
+        if reason is not None:
+            return f"RRULE {text} {reason}"
+    return None
+
+
+def _rule_problem(rule: vRecur) -> str | None:
+    freq = [str(v).upper() for v in rule.get("FREQ", [])]
+    if len(freq) != 1 or freq[0] not in _FREQ_SECONDS:
+        return "has no valid FREQ"
+    for name in ("INTERVAL", "COUNT"):
+        values = rule.get(name, [])
+        if not all(isinstance(v, int) for v in values) or len(values) > 1:
+            return f"has an unreadable {name}"
+    if any(v < 1 for v in rule.get("INTERVAL", [])):
+        return "has INTERVAL below 1 (it would never advance)"
+    if any(v > _MAX_COUNT for v in rule.get("COUNT", [])):
+        return f"has an absurd COUNT (more than {_MAX_COUNT})"
+    for name, (low, high, signed) in _RANGES.items():
+        for value in rule.get(name, []):
+            number = _rule_int(value)
+            if number is None or not (low <= number <= high or (signed and -high <= number <= -low)):
+                return f"has {name}={value}, out of range"
+    for value in rule.get("BYDAY", []):
+        match = _BYDAY.match(str(value).strip())
+        if match is None:
+            return f"has BYDAY={value}, not a weekday"
+        ordinal = int(match.group(1)) if match.group(1) else None
+        if ordinal is not None and not 1 <= abs(ordinal) <= (5 if freq[0] == "MONTHLY" else 53):
+            return f"has BYDAY={value}, out of range"
+    monthdays = [_rule_int(v) for v in rule.get("BYMONTHDAY", [])]
+    if monthdays:
+        months = [_rule_int(v) for v in rule.get("BYMONTH", [])] or list(range(1, 13))
+        if not any(abs(day) <= _DAYS_IN_MONTH[month - 1] for day in monthdays for month in months):
+            return "names only dates that do not exist (such as 30 February); it has no instances"
+    return None
+
+
+def _rule_int(value: object) -> int | None:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _rate(rule: vRecur) -> float:
+    """An upper bound on the starts a rule produces per second."""
+    try:
+        freq = str(rule["FREQ"][0]).upper()
+        interval = max(1, int(rule.get("INTERVAL", [1])[0]))
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 0.0
+    if freq not in _FREQ_SECONDS:
+        return 0.0
+    rank = _FREQ_RANK[freq]
+    per_period = 1
+    if freq == "YEARLY" and any(k in rule for k in ("BYYEARDAY", "BYMONTHDAY", "BYDAY", "BYWEEKNO")):
+        per_period = 366
+    elif freq == "YEARLY" and "BYMONTH" in rule:
+        per_period = len(rule["BYMONTH"])
+    elif freq == "MONTHLY" and any(k in rule for k in ("BYMONTHDAY", "BYDAY")):
+        per_period = 31
+    elif freq == "WEEKLY" and "BYDAY" in rule:
+        per_period = min(7, len(rule["BYDAY"]))
+    for name, finer in (("BYHOUR", "HOURLY"), ("BYMINUTE", "MINUTELY"), ("BYSECOND", "SECONDLY")):
+        if name in rule and rank > _FREQ_RANK[finer]:
+            per_period *= max(1, len(rule[name]))
+    if "BYSETPOS" in rule:
+        per_period = min(per_period, len(rule["BYSETPOS"]))
+    return per_period / (_FREQ_SECONDS[freq] * interval)
+
+
+def _too_many_before(rule: vRecur, dtstart: date | datetime, window_start: datetime) -> str | None:
+    """A rule that produces millions of starts before the window is refused: the library walks them all."""
+    if isinstance(dtstart, datetime) and dtstart.tzinfo is None:
+        dtstart = dtstart.replace(tzinfo=UTC)
+    first = as_utc(dtstart)
+    stop = window_start
+    until = rule.get("UNTIL", [None])[0]
+    if isinstance(until, datetime) and until.tzinfo is not None:
+        stop = min(stop, until)
+    elif isinstance(until, date) and not isinstance(until, datetime):
+        stop = min(stop, as_utc(until))
+    steps = _rate(rule) * max(0.0, (stop - first).total_seconds())
+    count = rule.get("COUNT", [None])[0]
+    if isinstance(count, int) and count > 0:
+        steps = min(steps, count)
+    if steps > _MAX_STEPS_BEFORE_WINDOW:
+        return (
+            f"would produce about {int(steps)} occurrences before the window starts "
+            f"(more than {_MAX_STEPS_BEFORE_WINDOW}); its DTSTART is too far back for its frequency"
+        )
+    return None
+
+
 def _instance(
     uid: str,
     recurrence_id: str,
-    component: icalendar.Event,
-    status: str,
+    shared: _Fields,
     start: date | datetime,
     end: date | datetime,
 ) -> Instance:
@@ -539,28 +1000,105 @@ def _instance(
         # is the first occurrence. zoneinfo reads fold=0 that way; normalise the wall time.
         start = start.astimezone(UTC).astimezone(start.tzinfo)
         end = end.astimezone(UTC).astimezone(start.tzinfo)
-    summary = _text(component.get("SUMMARY"))
-    description = _text(component.get("DESCRIPTION"))
-    location = _text(component.get("LOCATION"))
-    status = "tentative" if status == "TENTATIVE" else "confirmed"
-    zone = "" if all_day else zone_name(start.tzinfo)
-    payload = json.dumps(
-        [summary, description, location, status, all_day, start.isoformat(), end.isoformat(), zone],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
     return Instance(
         uid=uid,
         recurrence_id=recurrence_id,
-        summary=summary,
-        description=description,
-        location=location,
-        status=status,
+        summary=shared.summary,
+        description=shared.description,
+        location=shared.location,
+        status=shared.status,
         all_day=all_day,
         start=start,
         end=end,
-        content_hash=hashlib.sha256(payload.encode("utf-8")).hexdigest(),
+        content_hash=_content_hash(
+            shared.summary, shared.description, shared.location, shared.status, shared.status_stated,
+            all_day, start, end,
+        ),
+        status_stated=shared.status_stated,
     )
+
+
+def _content_hash(
+    summary: str,
+    description: str,
+    location: str,
+    status: str,
+    status_stated: str | None,
+    all_day: bool,
+    start: date | datetime,
+    end: date | datetime,
+) -> str:
+    """What a stored row is compared by. ``status_stated`` enters it only when it says more than
+    ``status`` (absent, ``confirmed`` and ``tentative`` hash as before it existed)."""
+    zone = "" if all_day else zone_name(start.tzinfo)
+    values = [summary, description, location, status, all_day, start.isoformat(), end.isoformat(), zone]
+    if status_stated is not None and status_stated != status:
+        values.append(status_stated)
+    payload = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _apply_text_budget(instances: list[Instance], budget: int, problems: list[str]) -> list[Instance]:
+    """Cut the texts of the feed's instances so that together they hold at most ``budget`` characters.
+
+    Every text longer than ``L`` is cut to ``L`` characters (``CUT_MARK`` included), ``L`` the
+    largest that fits: short texts are kept whole, the longest ones are cut the most.
+    """
+    lengths = sorted(len(t) for i in instances for t in (i.summary, i.description, i.location))
+    total = sum(lengths)
+    if total <= budget:
+        return instances
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + length)
+
+    def cost(level: int) -> int:
+        j = bisect.bisect_right(lengths, level)
+        return prefix[j] + level * (len(lengths) - j)
+
+    low, high = 0, lengths[-1]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cost(middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    level = low
+    cut_texts: dict[int, str] = {}
+
+    def cut(text: str) -> str:
+        if len(text) <= level:
+            return text
+        if id(text) not in cut_texts:
+            cut_texts[id(text)] = _cut(text, level)
+        return cut_texts[id(text)]
+
+    fields_cut = 0
+    result = []
+    for instance in instances:
+        texts = (instance.summary, instance.description, instance.location)
+        if max(len(t) for t in texts) <= level:
+            result.append(instance)
+            continue
+        summary, description, location = (cut(t) for t in texts)
+        fields_cut += sum(len(t) > level for t in texts)
+        result.append(
+            dataclasses.replace(
+                instance,
+                summary=summary,
+                description=description,
+                location=location,
+                content_hash=_content_hash(
+                    summary, description, location, instance.status, instance.status_stated,
+                    instance.all_day, instance.start, instance.end,
+                ),
+            )
+        )
+    problems.append(
+        f"the feed's texts over its {len(instances)} instances have {total} characters, more than "
+        f"{budget}; cut {fields_cut} text(s) longer than {level} characters (ending in {CUT_MARK!r})"
+    )
+    return result
 
 
 # --- small helpers -------------------------------------------------------------------------

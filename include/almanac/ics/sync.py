@@ -1,27 +1,40 @@
 """ics_sync: fetch, parse and store a batch of calendars' ICS feeds, each calendar on its own.
 
 One calendar's failure never fails the others: feed problems (bad feed, refused URL, 4xx,
-too large, not iCalendar) are recorded on the calendar with a clear message; transient ones
-(timeouts, 429, 5xx) are retried here with backoff first. Only infrastructure faults (the
-application database) raise. The sync window is anchored at the run's instant, never "now".
+too large, not iCalendar, a budget overrun) are recorded on the calendar with a clear message;
+transient ones (timeouts, 429, 5xx) are retried here with backoff first. Every calendar has a
+hard budget (``almanac.ics.budget``): ``ics_calendar_budget_s`` of wall time for fetch, parse
+and store together, and the parse runs in a worker process with CPU and memory limits that is
+killed when one is hit. Only infrastructure faults (the application database, Redis, a parse
+worker that cannot start) raise. The sync window is anchored at the run's instant, never "now".
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from almanac.batches import ItemResult, Kind
 from almanac.errors import PermanentError, RetryableError
+from almanac.ics.budget import CalendarClock, ParsePool, ParseWorkerUnavailableError
 from almanac.leases import LeaseKeeper, lease_key
-from almanac.retry import RetryPolicy, retry_call
 from almanac.settings import Settings
 
-__all__ = ["ICS_KIND", "LEASE_JOB", "fetch_policy", "sync_batch", "sync_window"]
+__all__ = [
+    "ICS_KIND",
+    "LEASE_JOB",
+    "MAX_STORED_WARNINGS",
+    "MAX_WARNING_CHARS",
+    "FeedDataRefusedError",
+    "sync_batch",
+    "sync_window",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +46,21 @@ ICS_KIND = Kind(
     "Calendars", "calendarId", ("eventsAdded", "eventsUpdated", "eventsDeleted"), "changedCalendarIds"
 )
 
+#: Parse warnings kept in ``calendars.sync_warnings`` (all are counted in ``sync_warning_count``).
+MAX_STORED_WARNINGS = 20
+#: Characters kept of each stored warning (and of the first warning in a result's detail).
+MAX_WARNING_CHARS = 300
+
 _INFRA_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+class FeedDataRefusedError(PermanentError):
+    """The database refused the feed's data (PostgreSQL class 22: a NUL character, text it
+    cannot encode, a value out of range); nothing of this sync was stored.
+
+    What to do: look at the feed (``almanac ics inspect URL``) for the value named in the
+    message; the feed's owner has to fix it. The other calendars are not affected.
+    """
 
 
 def _infra_errors() -> tuple[type[BaseException], ...]:
@@ -52,16 +79,6 @@ def sync_window(instant: datetime, settings: Settings) -> tuple[datetime, dateti
     return (
         instant - timedelta(days=settings.ics_window_days_back),
         instant + timedelta(days=settings.ics_window_days_ahead),
-    )
-
-
-def fetch_policy(settings: Settings) -> RetryPolicy:
-    """The retry policy of one feed fetch inside a task."""
-    return RetryPolicy(
-        attempts=settings.ics_fetch_attempts,
-        base_wait_s=1.0,
-        max_wait_s=float(settings.ics_retry_max_wait_s),
-        timeout_s=float(settings.ics_read_timeout_s),
     )
 
 
@@ -102,6 +119,7 @@ def sync_batch(
     session=None,
     allow_hosts: frozenset[str] = frozenset(),
     sleep: Callable[[float], None] = time.sleep,
+    parse_pool: ParsePool | None = None,
 ) -> list[ItemResult]:
     """Sync each calendar of the batch; return one ``ItemResult`` per calendar. Commits per calendar.
 
@@ -111,54 +129,61 @@ def sync_batch(
         leases: the task's ``LeaseKeeper`` (None: no leasing, e.g. a test). A calendar whose
             lease another live run holds is tried again at the end of the batch, after up to
             ``ics_lease_wait_s``; still held, it is reported ``busy`` (retryable).
-        session: ``requests.Session`` to reuse connections (one is made if None).
+        session: ``requests.Session`` to reuse connections (one is made and closed if None).
         allow_hosts: hosts the address guard lets through (dev and test feed servers).
+        parse_pool: the ``ParsePool`` feeds are parsed in (kept open for the caller); None: the
+            batch starts its own when the first feed needs parsing, and stops it at the end.
     Raises:
-        Only infrastructure faults (database, Redis); every feed problem is a per-calendar result.
+        Only infrastructure faults (database, Redis, a parse worker that cannot start); every
+        feed problem, budget overruns included, is a per-calendar result.
     """
-    import requests
+    from almanac.ics.fetch import new_session
 
     settings = settings or Settings()
-    session = session or requests.Session()
     ids = list(dict.fromkeys(calendar_ids))
     calendars = _load_calendars(conn, ids)
     results: dict[int, ItemResult] = {}
     unchanged: list[tuple[int, str | None, str | None]] = []
     busy: list[int] = []
+    with (
+        nullcontext(session) if session is not None else new_session() as session,
+        nullcontext(parse_pool) if parse_pool is not None else ParsePool.from_settings(settings) as pool,
+    ):
 
-    def attempt(calendar: _Calendar) -> ItemResult | None:
-        if leases is None:
-            return _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged, None)
-        with leases.hold(lease_key(LEASE_JOB, calendar.id)) as lease:
-            if not lease.taken:
-                return None
-            return _sync_one(conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged, lease)
+        def attempt(calendar: _Calendar) -> ItemResult | None:
+            args = (conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged, pool)
+            if leases is None:
+                return _sync_one(*args, None)
+            with leases.hold(lease_key(LEASE_JOB, calendar.id)) as lease:
+                if not lease.taken:
+                    return None
+                return _sync_one(*args, lease)
 
-    for calendar_id in ids:
-        calendar = calendars.get(calendar_id)
-        if calendar is None:
-            results[calendar_id] = ItemResult(
-                calendar_id, "skipped", error="calendar not found or sync disabled"
-            )
-        elif not calendar.source_url:
-            results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar has no feed URL")
-        else:
-            result = attempt(calendar)
-            if result is None:
-                busy.append(calendar_id)
+        for calendar_id in ids:
+            calendar = calendars.get(calendar_id)
+            if calendar is None:
+                results[calendar_id] = ItemResult(
+                    calendar_id, "skipped", error="calendar not found or sync disabled"
+                )
+            elif not calendar.source_url:
+                results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar has no feed URL")
             else:
-                results[calendar_id] = result
-    deadline = time.monotonic() + settings.ics_lease_wait_s
-    while busy and time.monotonic() < deadline:
-        sleep(1.0)
-        still = []
-        for calendar_id in busy:
-            result = attempt(calendars[calendar_id])
-            if result is None:
-                still.append(calendar_id)
-            else:
-                results[calendar_id] = result
-        busy = still
+                result = attempt(calendar)
+                if result is None:
+                    busy.append(calendar_id)
+                else:
+                    results[calendar_id] = result
+        deadline = time.monotonic() + settings.ics_lease_wait_s
+        while busy and time.monotonic() < deadline:
+            sleep(1.0)
+            still = []
+            for calendar_id in busy:
+                result = attempt(calendars[calendar_id])
+                if result is None:
+                    still.append(calendar_id)
+                else:
+                    results[calendar_id] = result
+            busy = still
     for calendar_id in busy:
         results[calendar_id] = ItemResult(
             calendar_id,
@@ -174,7 +199,12 @@ def sync_batch(
 
 
 def _fetch_result(
-    calendar_id: int, status: str, stored=None, error: str | None = None, permanent: bool = False
+    calendar_id: int,
+    status: str,
+    stored=None,
+    error: str | None = None,
+    permanent: bool = False,
+    detail: dict | None = None,
 ) -> ItemResult:
     counts = {}
     if stored is not None:
@@ -183,35 +213,51 @@ def _fetch_result(
             "eventsUpdated": stored.updated,
             "eventsDeleted": stored.deleted,
         }
-    return ItemResult(calendar_id, status, counts, error=error, permanent=permanent)
+    return ItemResult(calendar_id, status, counts, error=error, permanent=permanent, detail=detail or {})
+
+
+def _clean(text: str, limit: int) -> str:
+    """``text`` fit for a text column: no NUL (PostgreSQL refuses it), at most ``limit`` characters."""
+    return text.replace("\x00", "\\x00")[:limit]
+
+
+class _BudgetedFetchSettings:
+    """``settings`` whose per-attempt fetch deadline is cut to what is left of the calendar's
+    budget (``fetch_with_settings`` reads ``ics_fetch_deadline_s`` at every attempt)."""
+
+    def __init__(self, settings: Settings, clock: CalendarClock) -> None:
+        self._settings = settings
+        self._clock = clock
+
+    def __getattr__(self, name: str):
+        return getattr(self._settings, name)
+
+    @property
+    def ics_fetch_deadline_s(self) -> float:
+        return self._clock.left("fetch", float(self._settings.ics_fetch_deadline_s))
 
 
 def _sync_one(
-    conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged, lease
+    conn, calendar: _Calendar, instant, settings, session, allow_hosts, sleep, unchanged, pool, lease
 ) -> ItemResult:
-    from almanac.ics.fetch import fetch_feed
-    from almanac.ics.parse import parse_feed
+    import psycopg
+
+    from almanac.ics.fetch import fetch_with_settings
     from almanac.ics.store import EmptyFeedHeldError, mark_push_pending, store_instances
 
     host = urlsplit(calendar.source_url).hostname or "?"
-    policy = fetch_policy(settings)
+    clock = CalendarClock(calendar.id, settings.ics_calendar_budget_s)
+    fetch_settings = _BudgetedFetchSettings(settings, clock)
 
     def fetch(etag, last_modified):
-        return retry_call(
-            lambda: fetch_feed(
-                calendar.source_url,
-                etag=etag,
-                last_modified=last_modified,
-                session=session,
-                connect_timeout=settings.ics_connect_timeout_s,
-                read_timeout=settings.ics_read_timeout_s,
-                deadline=settings.ics_fetch_deadline_s,
-                max_bytes=settings.ics_max_bytes,
-                max_redirects=settings.ics_max_redirects,
-                allow_hosts=allow_hosts,
-            ),
-            policy,
-            sleep=sleep,
+        return fetch_with_settings(
+            calendar.source_url,
+            fetch_settings,
+            etag=etag,
+            last_modified=last_modified,
+            session=session,
+            allow_hosts=allow_hosts,
+            sleep=clock.sleeper(sleep, "fetch"),
         )
 
     try:
@@ -232,40 +278,65 @@ def _sync_one(
         if fetched.body is None:  # 304, but the window must move on: fetch without validators
             fetched = fetch(None, None)
         window_start, window_end = sync_window(instant, settings)
-        parsed = parse_feed(
+        parsed = pool.parse_feed(
             fetched.body,
+            calendar_id=calendar.id,
+            clock=clock,
             window_start=window_start,
             window_end=window_end,
             calendar_tz=calendar.time_zone,
             max_instances=settings.ics_max_instances,
+            max_instances_per_series=settings.ics_max_instances_per_series,
+            max_event_text_chars=settings.ics_max_event_text_chars,
+            max_feed_text_chars=settings.ics_max_feed_text_chars,
         )
-        if parsed.problems:
-            log.warning(
-                "calendar %s: %d feed problem(s), first: %s",
+        problems = parsed.problems
+        warnings = [_clean(p, MAX_WARNING_CHARS) for p in problems[:MAX_STORED_WARNINGS]]
+        if problems:
+            log.warning("calendar %s: %d feed problem(s), first: %s", calendar.id, len(problems), warnings[0])
+        # The store may take what is left of the budget, no more (the whole transaction).
+        timeout_ms = max(1, math.floor(clock.left("store") * 1000))
+        conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms}ms",))
+        try:
+            stored = store_instances(
+                conn,
                 calendar.id,
-                len(parsed.problems),
-                parsed.problems[0],
+                parsed.instances,
+                window_start=window_start,
+                window_end=window_end,
+                empty_guard_min=settings.ics_empty_feed_guard_min_events,
             )
-        stored = store_instances(
-            conn,
-            calendar.id,
-            parsed.instances,
-            window_start=window_start,
-            window_end=window_end,
-            empty_guard_min=settings.ics_empty_feed_guard_min_events,
-        )
-        if stored.changed:
-            mark_push_pending(conn, [calendar.id])
-        conn.execute(
-            """
-            UPDATE calendars
-               SET last_attempt_at = now(), last_success_at = now(), etag = %s, last_modified = %s,
-                   body_sha256 = %s, window_anchor = %s, sync_status = 'ok', last_error = NULL,
-                   consecutive_failures = 0, event_count = %s
-             WHERE id = %s
-            """,
-            (fetched.etag, fetched.last_modified, fetched.body_sha256, instant, stored.total, calendar.id),
-        )
+            if stored.changed:
+                mark_push_pending(conn, [calendar.id])
+            conn.execute(
+                """
+                UPDATE calendars
+                   SET last_attempt_at = now(), last_success_at = now(), etag = %s, last_modified = %s,
+                       body_sha256 = %s, window_anchor = %s, sync_status = 'ok', last_error = NULL,
+                       consecutive_failures = 0, event_count = %s,
+                       sync_warnings = %s, sync_warning_count = %s
+                 WHERE id = %s
+                """,
+                (
+                    fetched.etag,
+                    fetched.last_modified,
+                    fetched.body_sha256,
+                    instant,
+                    stored.total,
+                    warnings or None,
+                    len(problems),
+                    calendar.id,
+                ),
+            )
+        except psycopg.errors.QueryCanceled as e:
+            if "statement timeout" not in str(e):
+                raise
+            raise clock.exceeded("store") from e
+        except psycopg.DataError as e:  # the feed's data, not the database, is at fault
+            primary = e.diag.message_primary or str(e)
+            raise FeedDataRefusedError(
+                f"calendar {calendar.id}: the database refused the feed's data ({primary})"
+            ) from e
         if lease is not None and lease.lost:
             conn.rollback()
             return _fetch_result(
@@ -281,14 +352,16 @@ def _sync_one(
             stored.deleted,
             stored.total,
         )
-        return _fetch_result(calendar.id, "updated" if stored.changed else "unchanged", stored)
+        detail = {"warningCount": len(problems), "firstWarning": warnings[0]} if problems else None
+        return _fetch_result(calendar.id, "updated" if stored.changed else "unchanged", stored, detail=detail)
     except Exception as exc:
-        if isinstance(exc, _infra_errors()):
+        if isinstance(exc, _infra_errors() + (ParseWorkerUnavailableError,)):
             raise
         conn.rollback()
         status = "held" if isinstance(exc, EmptyFeedHeldError) else "error"
         known = isinstance(exc, PermanentError | RetryableError)
         message = f"{type(exc).__name__}: {exc}" if known else f"unexpected {type(exc).__name__}: {exc}"
+        message = _clean(message, 1000)
         if not known:
             log.exception("calendar %s (%s): unexpected error", calendar.id, host)
         conn.execute(
@@ -298,7 +371,7 @@ def _sync_one(
                    consecutive_failures = consecutive_failures + 1
              WHERE id = %s
             """,
-            (status, message[:1000], calendar.id),
+            (status, message, calendar.id),
         )
         conn.commit()
         log.warning("calendar %s (%s): %s", calendar.id, host, message)

@@ -25,7 +25,10 @@ def feed(*events: str, header: str = "") -> bytes:
     return (body + "END:VCALENDAR\n").replace("\n", "\r\n").encode()
 
 
-def parse(body: bytes, start=utc(2020, 1, 1), end=utc(2031, 1, 1), tz="UTC", **kw):
+WINDOW_START, WINDOW_END = utc(2020, 1, 1), utc(2031, 1, 1)
+
+
+def parse(body: bytes, start=WINDOW_START, end=WINDOW_END, tz="UTC", **kw):
     return parse_feed(body, window_start=start, window_end=end, calendar_tz=tz, **kw)
 
 

@@ -113,12 +113,24 @@ def unpicklable_result():
     return threading.Lock()
 
 
+def _overflow() -> None:
+    """What a third-party library raises on a date past the representable range."""
+    raise OverflowError("date value out of range")
+
+
 def parse_feed_or_misbehave(body: bytes, **kwargs):
-    """``almanac.ics.parse.parse_feed``, unless the feed asks to ``spin``, ``grow``, ``sleep``, ``crash``."""
+    """``almanac.ics.parse.parse_feed``, unless the feed asks to ``spin``, ``grow``, ``sleep``, ``crash``
+    or raise an ``overflow``."""
     match = _MISBEHAVE.search(body)
     if match:
         how = match.group(1).decode()
-        {"spin": spin, "grow": grow, "sleep": lambda: sleep_for(3600), "crash": crash}[how]()
+        {
+            "spin": spin,
+            "grow": grow,
+            "sleep": lambda: sleep_for(3600),
+            "crash": crash,
+            "overflow": _overflow,
+        }[how]()
     from almanac.ics.parse import parse_feed
 
     return parse_feed(body, **kwargs)

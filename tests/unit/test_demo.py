@@ -30,3 +30,17 @@ def test_invitations_are_created_before_the_anchor():
     created = [row[6] for row in data.invitations]
     assert all(c <= anchor for c in created)
     assert {row[5] for row in data.invitations} == {"pending", "accepted", "declined"}
+
+
+def test_without_a_feed_base_calendars_have_no_feed():
+    assert {row[4] for row in generate(DemoSpec()).calendars} == {None}
+
+
+def test_feed_base_gives_each_calendar_its_own_feed_url():
+    data = generate(DemoSpec(feed_base_url="http://127.0.0.1:58080/"))
+    urls = [row[4] for row in data.calendars]
+    assert urls == [f"http://127.0.0.1:58080/calendar-{row[0]}.ics" for row in data.calendars]
+    # Only the URLs differ from the spec without feeds: same ids, names, zones, invitations.
+    plain = generate(DemoSpec())
+    assert [row[:4] for row in data.calendars] == [row[:4] for row in plain.calendars]
+    assert data.invitations == plain.invitations

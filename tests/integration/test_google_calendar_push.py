@@ -470,7 +470,9 @@ def test_a_refused_event_is_not_sent_again_until_its_content_changes(gdb, connec
     again = _push(gdb, cipher, oauth)
 
     assert len(google.calls(*STATE_CHANGING)) == sent  # the same content is not re-sent every run
-    assert again["eventsRejected"] == 0 and again["errorCount"] == 0 and again["results"] == []
+    assert again["eventsRejected"] == 0 and again["errorCount"] == 0
+    # Still listed (never silently): unchanged, with the events held back until their content changes.
+    assert {(r["status"], r["eventsHeld"] > 0) for r in again["results"]} == {("unchanged", True)}
     assert len(_rejections(gdb)) == 2
 
     # new content: tried again (and refused again, recorded with the new hash)
@@ -685,7 +687,8 @@ def test_each_call_in_a_batch_keeps_its_own_outcome(gdb, connected, google, ciph
     assert [r["uid"] for r in _rejections(gdb)] == ["many-1@x"] and _links(gdb, ALICE) == 4
     # the next run sends nothing: the refused content is held, the rest is linked
     sent = len(google.calls(*STATE_CHANGING))
-    assert _push(gdb, cipher, oauth, calendar_ids=[WORK])["results"] == []
+    listed = _push(gdb, cipher, oauth, calendar_ids=[WORK])["results"]
+    assert [(r["userId"], r["status"], r["eventsHeld"]) for r in listed] == [(ALICE, "unchanged", 1)]
     assert len(google.calls(*STATE_CHANGING)) == sent
 
 

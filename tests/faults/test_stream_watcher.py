@@ -1,0 +1,135 @@
+"""The Redis stream watcher of ``ics_sync_requested`` (``RedisStreamTrigger`` in the triggerer)
+across a Redis restart and a triggerer restart in the middle of a burst: every requested
+calendar is synced, once in the DB, and nothing is left pending in the consumer group."""
+
+from __future__ import annotations
+
+import pytest
+
+from almanac.ics.requests import CONSUMER_GROUP, DEAD_LETTER_STREAM, STREAM_KEY, push_sync_request
+from tests.e2e.conftest import wait_for
+from tests.faults.helpers import duplicate_events, event_counts, feed
+from tests.support.feed_server import Route
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+CALENDARS = 20
+DAG = "ics_sync_requested"
+
+
+@pytest.fixture
+def calendars(feeds, db, airflow):
+    airflow.set_settings(ics_allow_hosts=feeds.host_port)
+    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
+    for c in range(1, CALENDARS + 1):
+        feeds.routes[f"/cal{c}.ics"] = Route(body=feed(c, 1))
+        db.execute("INSERT INTO calendars (id, tenant_id, name, source_url) VALUES (%s, 1, %s, %s)",
+                   (c, f"c{c}", feeds.url(f"/cal{c}.ics")))
+    db.commit()
+    return list(range(1, CALENDARS + 1))
+
+
+def _consumers(redis_conn) -> list[dict]:
+    try:
+        return redis_conn.xinfo_consumers(STREAM_KEY, CONSUMER_GROUP)
+    except Exception:  # no stream or group yet
+        return []
+
+
+def _pending(redis_conn) -> int:
+    try:
+        return int(redis_conn.xpending(STREAM_KEY, CONSUMER_GROUP)["pending"])
+    except Exception:
+        return -1
+
+
+def _reading(redis_conn, besides: frozenset[str] = frozenset()) -> str | None:
+    """The name of a consumer other than ``besides`` that is reading now (idle < 10 s)."""
+    for consumer in _consumers(redis_conn):
+        name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+        if name not in besides and consumer["idle"] < 10_000:
+            return name
+    return None
+
+
+def _synced(app_db_url, ids) -> bool:
+    counts = event_counts(app_db_url)
+    return all(counts.get(c) == 1 for c in ids)
+
+
+def _drained(airflow, redis_conn) -> bool:
+    """Nothing pending in the group, nothing left in the stream, no run of the DAG still going."""
+    return _pending(redis_conn) == 0 and redis_conn.xlen(STREAM_KEY) == 0 and not airflow.active_runs(DAG)
+
+
+def _run_ids(airflow) -> set[str]:
+    return {r.dag_run_id for r in airflow.runs.get_dag_runs(DAG, limit=100).dag_runs}
+
+
+def _runs_told_the_truth(airflow, before: set[str]) -> None:
+    """Every run this test caused succeeded, and its summary says complete with no error."""
+    runs = [r for r in airflow.runs.get_dag_runs(DAG, limit=100).dag_runs if r.dag_run_id not in before]
+    assert runs and all(r.state == "success" for r in runs), [(r.dag_run_id, r.state) for r in runs]
+    for run in runs:
+        total = airflow.summary(DAG, run.dag_run_id)
+        assert total is not None and total["complete"] and total["errorCount"] == 0, (run.dag_run_id, total)
+
+
+def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_service
+):
+    dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
+    dag_on(DAG)
+    runs_before = _run_ids(airflow)
+    wait_for(lambda: _reading(redis_conn), timeout=120, interval=0.5, what="the stream watcher to read")
+    for c in calendars[:5]:
+        push_sync_request(redis_conn, c)
+    wait_for(lambda: _synced(app_db_url, calendars[:5]), timeout=180, what="the first 5 requests")
+
+    restart_service("redis", down_s=3)
+    for c in calendars[5:]:
+        push_sync_request(redis_conn, c)
+    wait_for(lambda: _synced(app_db_url, calendars), timeout=240,
+             what="the 15 requests pushed after the restart")
+    wait_for(lambda: _drained(airflow, redis_conn), timeout=180,
+             what="the consumer group to have nothing pending")
+
+    assert event_counts(app_db_url) == dict.fromkeys(calendars, 1)
+    assert duplicate_events(app_db_url) == []
+    assert redis_conn.xlen(DEAD_LETTER_STREAM) == dead_before  # nothing refused on the way
+    _runs_told_the_truth(airflow, runs_before)
+
+
+def test_triggerer_restarted_mid_burst_loses_no_request(
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_component
+):
+    dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
+    dag_on(DAG)
+    runs_before = _run_ids(airflow)
+    first = wait_for(lambda: _reading(redis_conn), timeout=120, interval=0.5,
+                     what="the stream watcher to read")
+
+    # The first half of the burst; the triggerer stops as soon as it has taken some of it.
+    for c in calendars[:10]:
+        push_sync_request(redis_conn, c)
+    wait_for(lambda: _pending(redis_conn) > 0 or redis_conn.xlen(STREAM_KEY) < 10, timeout=60, interval=0.05,
+             what="the watcher to take entries of the burst")
+    start_again = restart_component("triggerer")
+    in_flight_at_stop = (_pending(redis_conn), 10 - redis_conn.xlen(STREAM_KEY))  # (unacked, acked)
+    for c in calendars[10:]:  # the second half arrives while no triggerer runs
+        push_sync_request(redis_conn, c)
+    start_again()
+    wait_for(lambda: _reading(redis_conn, besides=frozenset({first})), timeout=120, interval=0.5,
+             what="the restarted triggerer's watcher to read")
+
+    # Entries the old consumer took but never acknowledged are claimed after claim_min_idle_seconds (60 s).
+    wait_for(lambda: _synced(app_db_url, calendars), timeout=300,
+             what="every request of the burst to be synced")
+    wait_for(lambda: _drained(airflow, redis_conn), timeout=180,
+             what="the consumer group to have nothing pending")
+    print("(pending, acknowledged) when the triggerer stopped:", in_flight_at_stop)
+
+    assert event_counts(app_db_url) == dict.fromkeys(calendars, 1)
+    assert duplicate_events(app_db_url) == []
+    assert redis_conn.xlen(DEAD_LETTER_STREAM) == dead_before
+    _runs_told_the_truth(airflow, runs_before)

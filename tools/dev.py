@@ -256,9 +256,21 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
         data.chmod(0o700)
         try:
             subprocess.run(
-                [bindir / "initdb", "-D", data, "-U", "postgres", "--pwfile", pwfile,
-                 "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
-                check=True, stdout=subprocess.DEVNULL, **run_as,
+                [
+                    bindir / "initdb",
+                    "-D",
+                    data,
+                    "-U",
+                    "postgres",
+                    "--pwfile",
+                    pwfile,
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                **run_as,
             )
         finally:
             pwfile.unlink(missing_ok=True)
@@ -272,9 +284,22 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         say(f"starting PostgreSQL on 127.0.0.1:{port}")
         subprocess.run(
-            [bindir / "pg_ctl", "-D", data, "-l", data.parent / "postgres.log", "-w", "-t", "60",
-             "-o", options, "start"],
-            check=True, stdout=subprocess.DEVNULL, **run_as,
+            [
+                bindir / "pg_ctl",
+                "-D",
+                data,
+                "-l",
+                data.parent / "postgres.log",
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            **run_as,
         )
         STARTED.append("postgres")
     _ensure_databases(port, sec)
@@ -312,8 +337,12 @@ def stop_postgres(profile: Profile) -> None:
     data = profile.var / "pg" / "data"
     if (data / "postmaster.pid").exists():
         say("stopping PostgreSQL")
-        subprocess.run([pg_bin() / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"],
-                       check=False, stdout=subprocess.DEVNULL, **_run_as())
+        subprocess.run(
+            [pg_bin() / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            **_run_as(),
+        )
 
 
 # --------------------------------------------------------------------------- Redis
@@ -417,8 +446,9 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": profile.setting("PARALLELISM", "8"),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__FERNET_KEY": sec["fernet_key"],
-        "AIRFLOW__CORE__AUTH_MANAGER":
-            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__AUTH_MANAGER": (
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+        ),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url.replace(
@@ -556,9 +586,21 @@ def start_airflow(profile: Profile, env: dict[str, str], components=AIRFLOW_COMP
             say(f"airflow {component} already running")
             continue
         with open(logs / f"{component}.log", "ab") as log:
+            # Under a supervisor that restarts it when it exits on its own (a database restart
+            # makes the scheduler, dag-processor and triggerer exit): compose's restart: always.
             proc = subprocess.Popen(
-                [str(VENV_BIN / "airflow"), component], env=child_env(env), stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
+                [
+                    str(VENV_BIN / "python"),
+                    str(ROOT / "tools" / "supervise.py"),
+                    str(VENV_BIN / "airflow"),
+                    component,
+                ],
+                env=child_env(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
             )
         pidfile.write_text(str(proc.pid))
         say(f"started airflow {component} (pid {proc.pid}, log {logs / f'{component}.log'})")
@@ -586,8 +628,7 @@ def wait_for_api(env: dict[str, str], timeout: float = 180) -> None:
             pass
         time.sleep(1)
     sys.exit(
-        f"dev: the API server did not answer at {url} within {timeout:.0f}s; "
-        "see var/*/logs/api-server.log"
+        f"dev: the API server did not answer at {url} within {timeout:.0f}s; see var/*/logs/api-server.log"
     )
 
 
@@ -655,9 +696,23 @@ def start_demo_feeds(profile: Profile, timeout: float = 20) -> int | None:
     period = profile.setting("DEMO_FEEDS_PERIOD_S", "600")
     with open(logs / f"{DEMO_FEEDS}.log", "ab") as log:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "python"), "-m", "almanac.demo_feeds", "serve",
-             "--dir", str(profile.var / "feeds"), "--port", str(port), "--period", period],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
+            [
+                str(VENV_BIN / "python"),
+                "-m",
+                "almanac.demo_feeds",
+                "serve",
+                "--dir",
+                str(profile.var / "feeds"),
+                "--port",
+                str(port),
+                "--period",
+                period,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
         )
     pidfile.write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
@@ -700,13 +755,18 @@ def allow_demo_feeds(profile: Profile, env: dict[str, str]) -> None:
     raw = current.get("value") if status == 200 and current else None
     merged = settings_allowing(raw, profile.demo_feeds_url.removeprefix("http://"))
     if merged is None:
-        say("the Variable almanac_settings is not a JSON object: the demo feeds stay refused until "
-            "you fix it (README, 'Connections and settings')")
+        say(
+            "the Variable almanac_settings is not a JSON object: the demo feeds stay refused until "
+            "you fix it (README, 'Connections and settings')"
+        )
         return
     if raw is not None and json.loads(raw) == json.loads(merged):
         return
-    body = {"key": "almanac_settings", "value": merged,
-            "description": "Almanac job settings (JSON); see README, 'Connections and settings'"}
+    body = {
+        "key": "almanac_settings",
+        "value": merged,
+        "description": "Almanac job settings (JSON); see README, 'Connections and settings'",
+    }
     if raw is None:
         status, _ = _api(env, "POST", "/api/v2/variables", body, token=token)
     else:
@@ -745,7 +805,7 @@ def cmd_up(profile: Profile) -> int:
         "Almanac is up.",
         f"  Airflow UI:  {env['AIRFLOW__API__BASE_URL']}",
         f"  Login:       admin / {password}",
-        f"  Shell:       eval \"$(./dev env{flag})\"   # then: airflow dags list, almanac db status",
+        f'  Shell:       eval "$(./dev env{flag})"   # then: airflow dags list, almanac db status',
         f"  Stop:        ./dev down{flag}",
     ]
     if profile.demo_feeds_url:
@@ -767,7 +827,7 @@ def cmd_services(profile: Profile) -> int:
     write_env_file(profile, env)
     migrate_all(profile, env)
     print(
-        f"services up; eval \"$(./dev env --profile {profile.name})\"; "
+        f'services up; eval "$(./dev env --profile {profile.name})"; '
         f"stop with ./dev down --profile {profile.name}"
     )
     return 0
@@ -792,8 +852,10 @@ def cmd_test(profile: Profile, pytest_args: list[str]) -> int:
     if pytest_args:
         say("ruff skipped: pytest arguments given (./dev test with none lints first, as CI does)")
     elif (code := run_ruff()) != 0:
-        say(f"ruff reported problems (exit {code}): fix them (`.venv/bin/ruff check --fix` helps); "
-            "pytest not run")
+        say(
+            f"ruff reported problems (exit {code}): fix them (`.venv/bin/ruff check --fix` helps); "
+            "pytest not run"
+        )
         return code
     env = stack_env(profile, provision=True)
     write_env_file(profile, env)

@@ -35,17 +35,10 @@ def _all_runs_finished(runs_api):
     return None
 
 
-def _forget_earlier_runs(runs_api) -> None:
-    """Delete the runs an earlier session left in this profile's metadata DB (same day, same
-    backfill dates: a backfill skips dates that already have a run)."""
-    from airflow_client.client.exceptions import NotFoundException
-
-    try:
-        earlier = runs_api.get_dag_runs(DAG_ID, limit=100).dag_runs
-    except NotFoundException:  # a fresh stack: the DAG is not even parsed yet
-        return
-    for run in earlier:
-        runs_api.delete_dag_run(DAG_ID, run.dag_run_id)
+def _no_backfill_running(backfills) -> bool:
+    """A stack stopped right after an earlier session's backfill leaves it marked running until the
+    scheduler sees its runs done; only one backfill per DAG may run at a time."""
+    return all(b.completed_at is not None for b in backfills.list_backfills(DAG_ID).backfills)
 
 
 def _returned(xcom_api, run_id: str) -> dict:
@@ -65,7 +58,7 @@ def test_trigger_then_backfill_over_the_rest_api(api_client, wait_for_dag, calen
     from airflow_client.client.api.backfill_api import BackfillApi
     from airflow_client.client.api.dag_run_api import DagRunApi
     from airflow_client.client.api.x_com_api import XComApi
-    from airflow_client.client.models import BackfillPostBody, TriggerDAGRunPostBody
+    from airflow_client.client.models import BackfillPostBody, ReprocessBehavior, TriggerDAGRunPostBody
 
     db = calendar
     runs_api, xcom_api, backfills = DagRunApi(api_client), XComApi(api_client), BackfillApi(api_client)
@@ -74,7 +67,6 @@ def test_trigger_then_backfill_over_the_rest_api(api_client, wait_for_dag, calen
     _seed(db, "expires-next-week", now + timedelta(days=7))
     db.commit()
 
-    _forget_earlier_runs(runs_api)
     # 1. Trigger through the REST API, as the product's backend would.
     wait_for_dag(DAG_ID)  # unpaused: the scheduler may also start the latest scheduled run
     triggered = runs_api.trigger_dag_run(DAG_ID, TriggerDAGRunPostBody(logical_date=None))
@@ -91,7 +83,14 @@ def test_trigger_then_backfill_over_the_rest_api(api_client, wait_for_dag, calen
     if boundary > now:
         boundary -= timedelta(days=1)  # the latest 02:00 UTC that has passed
     first, last = boundary - timedelta(days=5), boundary - timedelta(days=3)
-    plan = backfills.create_backfill_dry_run(BackfillPostBody(dag_id=DAG_ID, from_date=first, to_date=last))
+    # reprocess_behavior=completed: a stack that ran this test earlier today has runs on those dates
+    # already (a backfill skips them by default); deleting them instead makes the scheduler create
+    # its latest scheduled run again, which would then race the backfill.
+    again = ReprocessBehavior.COMPLETED
+    wait_for(lambda: _no_backfill_running(backfills), timeout=120, what="an earlier backfill to complete")
+    plan = backfills.create_backfill_dry_run(
+        BackfillPostBody(dag_id=DAG_ID, from_date=first, to_date=last, reprocess_behavior=again)
+    )
     assert [b.logical_date for b in plan.backfills] == [first, first + timedelta(days=1), last]
     for day in range(3):  # one expiry in each backfilled interval ...
         _seed(db, f"backfill-day-{day}", first + timedelta(days=day, hours=12))
@@ -99,12 +98,12 @@ def test_trigger_then_backfill_over_the_rest_api(api_client, wait_for_dag, calen
     db.commit()
 
     backfill = backfills.create_backfill(
-        BackfillPostBody(dag_id=DAG_ID, from_date=first, to_date=last, max_active_runs=1)
+        BackfillPostBody(
+            dag_id=DAG_ID, from_date=first, to_date=last, max_active_runs=1, reprocess_behavior=again
+        )
     )
     runs = wait_for(lambda: _all_runs_finished(runs_api), timeout=300, what="the backfill runs to finish")
-    backfilled = sorted(
-        (run for run in runs if run.run_type == "backfill"), key=lambda run: run.logical_date
-    )
+    backfilled = sorted((run for run in runs if run.run_type == "backfill"), key=lambda run: run.logical_date)
     assert len(backfilled) == 3, [run.dag_run_id for run in runs]
     for day, run in enumerate(backfilled):
         assert run.state == "success"
@@ -113,5 +112,8 @@ def test_trigger_then_backfill_over_the_rest_api(api_client, wait_for_dag, calen
         result = _returned(xcom_api, run.dag_run_id)
         assert result == {"deleted": 1, "cutoff": run.data_interval_end.isoformat()}, run.dag_run_id
     assert backfills.get_backfill(backfill.id).dag_id == DAG_ID
+    wait_for(
+        lambda: backfills.get_backfill(backfill.id).completed_at, timeout=120, what="the backfill to complete"
+    )
     # The backfill went no further than its last interval end, whatever "now" is.
     assert _tokens(db) == {"expires-next-week", "after-the-backfill"}

@@ -391,10 +391,14 @@ def start_redis(profile: Profile, sec: dict[str, str]) -> str:
         say(f"starting Redis on 127.0.0.1:{port}")
         conf = write_redis_conf(profile, sec, port)
         subprocess.run([redis_server_bin(), conf], check=True)
-        for _ in range(50):
-            if _port_open(port):
+        # The daemon may listen before it has written its pid file (seen on a fresh machine):
+        # wait for both, so stop_redis always finds what it must stop.
+        for _ in range(200):
+            if _port_open(port) and (folder / "redis.pid").exists():
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
+        else:
+            sys.exit(f"dev: Redis did not come up on 127.0.0.1:{port}; see {folder / 'redis.log'}")
         STARTED.append("redis")
     return f"redis://:{quote(sec['redis_password'], safe='')}@127.0.0.1:{port}/0"
 

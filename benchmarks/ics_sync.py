@@ -7,25 +7,29 @@
 Generates N calendars x E events (with ``--workload DIR``: a bench-workload folder holding
 ``gen.py``/``mutate.py``, e.g. the workload the Node/BullMQ figures were measured on, wherever
 you keep it; without it, a built-in deterministic generator), serves them on 127.0.0.1 with
-ETag/304, registers them as calendars of a benchmark tenant (its rows only: nothing else in the
-database is touched), and times three cycles with ``--workers`` processes, each syncing batches
-the way mapped tasks do:
+ETag/304 (with ``--workload``: that folder's ``serve.py``, the feed server the peer is measured
+against), registers them as calendars of a benchmark tenant (its rows only: nothing else in the
+database is touched; the tenant, its calendars, events and push-pending rows are deleted at the
+end, also after an error or Ctrl-C), and times three cycles with ``--workers`` processes, each
+syncing batches the way mapped tasks do (with leases in Redis when ``ALMANAC_REDIS_URL`` is set):
 
 1. cold: empty database;   2. warm: nothing changed;   3. 10% of the feeds changed.
 
-Prints wall seconds, calendars/s, instances/s, event rows written and peak RSS per cycle.
-Figures only: nothing here asserts on them.
+Prints wall seconds, calendars/s, instances/s, event rows written and peak RSS per cycle
+(``--json FILE`` also writes them as JSON). Figures only: nothing here asserts on them.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing
 import os
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-BENCH_TENANT = 990_000  # the benchmark's own tenant id; its calendars are replaced each run
+BENCH_TENANT = 990_000  # the benchmark's own tenant id; removed (with everything under it) at the end
 
 # --------------------------------------------------------------------------- feeds
 
@@ -113,20 +117,73 @@ class _FeedHandler(BaseHTTPRequestHandler):
 
 def serve(folder: Path) -> ThreadingHTTPServer:
     handler = type("Handler", (_FeedHandler,), {"folder": folder})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
+    server.request_queue_size = 256  # the default backlog of 5 drops connections under load
+    server.server_bind()
+    server.server_activate()
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class WorkloadServer:
+    """The bench-workload folder's own ``serve.py`` (what the peer fetches from), as a process."""
+
+    def __init__(self, workload: Path, folder: Path, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, str(workload / "serve.py"), "--dir", str(folder), "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                sys.exit(f"feed server failed: {self.process.stderr.read().decode(errors='replace')}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.server_address = ("127.0.0.1", self.port)
+
+    def shutdown(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 # --------------------------------------------------------------------------- database
+
+
+def cleanup(db_url: str, tenant: int = BENCH_TENANT) -> None:
+    """Delete everything a benchmark run created under ``tenant``: its push-pending rows (they have
+    no foreign key), then the tenant (calendars, events, sync state cascade)."""
+    import psycopg
+
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "DELETE FROM calendar_push_pending p USING calendars c"
+            " WHERE c.id = p.calendar_id AND c.tenant_id = %s",
+            (tenant,),
+        )
+        conn.execute("DELETE FROM tenants WHERE id = %s", (tenant,))
+        conn.commit()
 
 
 def register_calendars(db_url: str, base_url: str, names: list[str]) -> list[int]:
     import psycopg
 
+    cleanup(db_url)  # what an interrupted earlier run may have left
     with psycopg.connect(db_url) as conn:
-        conn.execute("DELETE FROM calendars WHERE tenant_id = %s", (BENCH_TENANT,))
         conn.execute(
             "INSERT INTO tenants (id, name) VALUES (%s, 'benchmark') ON CONFLICT DO NOTHING", (BENCH_TENANT,)
         )
@@ -159,15 +216,28 @@ def event_row_writes(db_url: str) -> int:
 
 def _worker(args) -> dict:
     db_url, batch, instant, allow = args
+    from contextlib import nullcontext
+
     from almanac.batches import summarize_batch
     from almanac.db.connect import connect
     from almanac.ics.sync import ICS_KIND, sync_batch
 
-    with connect(db_url) as conn:
-        results = sync_batch(conn, batch, instant=instant, allow_hosts=frozenset([allow]))
+    redis_url = os.environ.get("ALMANAC_REDIS_URL")
+    owner = f"benchmark/{os.getpid()}/{batch[0]}"
+    with connect(db_url) as conn, _lease_keeper(redis_url, owner) if redis_url else nullcontext() as leases:
+        results = sync_batch(conn, batch, instant=instant, allow_hosts=frozenset([allow]), leases=leases)
     summary = summarize_batch(ICS_KIND, results)
     summary["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return summary
+
+
+def _lease_keeper(redis_url: str, owner: str):
+    """What the mapped task holds: a ``LeaseKeeper`` on the task's Redis."""
+    from almanac.db.redis_conn import connect_redis
+    from almanac.leases import LeaseKeeper
+    from almanac.settings import Settings
+
+    return LeaseKeeper(connect_redis(redis_url), owner, ttl_s=Settings().ics_lock_ttl_s)
 
 
 def _warm_worker() -> None:
@@ -226,51 +296,68 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=200, help="events per calendar")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch-size", type=int, default=0, help="default: the DAG planner's batches")
-    parser.add_argument("--workload", type=Path, help="a bench-workload folder (gen.py, mutate.py)")
+    parser.add_argument("--workload", type=Path, help="a bench-workload folder (gen.py, mutate.py, serve.py)")
     parser.add_argument("--feeds-dir", type=Path, help="ready .ics files (skips generation)")
+    parser.add_argument("--feed-port", type=int, default=0, help="workload server's port (default: free)")
+    parser.add_argument("--builtin-server", action="store_true", help="serve with the built-in server")
+    parser.add_argument("--cycles", default="cold,warm,10% changed", help="comma-separated, in this order")
+    parser.add_argument("--json", type=Path, help="also write the cycles' figures here")
     parser.add_argument("--db-url", default=os.environ.get("ALMANAC_APP_DB_URL"))
     args = parser.parse_args()
     if not args.db_url:
         sys.exit("set ALMANAC_APP_DB_URL (eval \"$(./dev env --profile test)\") or pass --db-url")
+    wanted = [c.strip() for c in args.cycles.split(",") if c.strip()]
 
     anchor = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     workdir = Path(tempfile.mkdtemp(prefix="almanac-bench-"))
     feeds = workdir / "feeds"
+    server = pool = None
+    rows = []
     try:
         if args.feeds_dir is not None:  # a copy: the 10% cycle edits files in place
             shutil.copytree(args.feeds_dir, feeds)
-        else:
-            if args.workload:
-                subprocess.run(
-                    [sys.executable, str(args.workload / "gen.py"), "--calendars", str(args.calendars),
-                     "--events-per-cal", str(args.events), "--out", str(feeds)],
-                    check=True,
-                )
-            else:
-                generate_feeds(feeds, args.calendars, args.events, anchor)
-        names = sorted(p.name for p in feeds.glob("*.ics"))
-        server = serve(feeds)
-        host = f"127.0.0.1:{server.server_address[1]}"
-        ids = register_calendars(args.db_url, f"http://{host}/", names)
-        print(f"{len(ids)} calendars, {args.workers} workers, batches of {args.batch_size or 'the planner'}, "
-              f"anchor {anchor:%Y-%m-%d}")
-        instant = anchor + timedelta(hours=12)
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_warm_worker)
-        run_cycle("cold", pool, args.db_url, ids, args.batch_size, instant, host)
-        run_cycle("warm", pool, args.db_url, ids, args.batch_size, instant + timedelta(minutes=5), host)
-        if args.workload:
+        elif args.workload:
             subprocess.run(
-                [sys.executable, str(args.workload / "mutate.py"), "--dir", str(feeds), "--share", "0.1"],
+                [sys.executable, str(args.workload / "gen.py"), "--calendars", str(args.calendars),
+                 "--events-per-cal", str(args.events), "--out", str(feeds)],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
         else:
-            mutate_feeds(feeds, 0.1, 1)
-        changed_at = instant + timedelta(minutes=10)
-        run_cycle("10% changed", pool, args.db_url, ids, args.batch_size, changed_at, host)
-        pool.close()
-        server.shutdown()
+            generate_feeds(feeds, args.calendars, args.events, anchor)
+        names = sorted(p.name for p in feeds.glob("*.ics"))
+        if args.workload and not args.builtin_server:
+            server = WorkloadServer(args.workload, feeds, args.feed_port)
+        else:
+            server = serve(feeds)
+        host = f"127.0.0.1:{server.server_address[1]}"
+        ids = register_calendars(args.db_url, f"http://{host}/", names)
+        print(f"{len(ids)} calendars, {args.workers} workers, batches of {args.batch_size or 'the planner'}, "
+              f"feeds from {type(server).__name__} on {host}, anchor {anchor:%Y-%m-%d}", flush=True)
+        instant = anchor + timedelta(hours=12)
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_warm_worker)
+        for n, name in enumerate(wanted):
+            if name == "10% changed":
+                if args.workload:
+                    mutate = args.workload / "mutate.py"
+                    subprocess.run(
+                        [sys.executable, str(mutate), "--dir", str(feeds), "--share", "0.1"],
+                        check=True,
+                        stdout=subprocess.DEVNULL,
+                    )
+                else:
+                    mutate_feeds(feeds, 0.1, 1)
+            at = instant + timedelta(minutes=5 * n)
+            rows.append(run_cycle(name, pool, args.db_url, ids, args.batch_size, at, host))
+        if args.json:
+            args.json.write_text(json.dumps({"calendars": len(ids), "cycles": rows}, indent=2))
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if server is not None:
+            server.shutdown()
+        cleanup(args.db_url)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

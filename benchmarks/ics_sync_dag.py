@@ -10,6 +10,11 @@ through the address guard (Variable ``almanac_settings``), then triggers ``ics_s
 REST API twice — cold (nothing stored) and warm (every feed answers 304) — and prints each
 run's wall time from queued to finished, the number of batch task instances and the slowest
 batch. The DAG is unpaused for the measurement and paused again afterwards. Figures only.
+
+It cleans up after itself, also after an error or Ctrl-C: a run still going is marked failed,
+the benchmark tenant with its calendars, events and push-pending rows is deleted (its feed URLs
+would no longer answer, and every later ``ics_sync`` on the stack would retry them), and the
+Variable ``almanac_settings`` is put back as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ics_sync import BENCH_TENANT, register_calendars, serve
+from ics_sync import BENCH_TENANT, cleanup, register_calendars, serve
 
 
 def write_feeds(folder: Path, calendars: int, events: int) -> list[str]:
@@ -62,10 +67,12 @@ class Api:
         return response.json() if response.content else None
 
 
-def run_once(api: Api, label: str, run_id: str | None = None) -> None:
+def run_once(api: Api, label: str, run_id: str | None = None, started: list[str] | None = None) -> None:
     """Trigger a run (or follow ``run_id``) until it ends, then print its figures."""
     if run_id is None:
         run_id = api.call("POST", "/dags/ics_sync/dagRuns", json={"logical_date": None})["dag_run_id"]
+    if started is not None:
+        started.append(run_id)
     while True:
         run = api.call("GET", f"/dags/ics_sync/dagRuns/{run_id}")
         if run["state"] in ("success", "failed"):
@@ -101,36 +108,75 @@ def main() -> int:
     if not (db_url and api_url):
         sys.exit('run inside a stack: eval "$(./dev env)" after ./dev up')
     api = Api(api_url, os.environ["AIRFLOW_HOME"])
+    previous = _variable(api)
+    started: list[str] = []
+    server = None
     with tempfile.TemporaryDirectory(prefix="almanac-dag-bench-") as tmp:
-        folder = Path(tmp)
-        names = write_feeds(folder, args.calendars, args.events)
-        server = serve(folder)
-        host = f"127.0.0.1:{server.server_address[1]}"
-        register_calendars(db_url, f"http://{host}/", names)
-        api.call("DELETE", "/variables/almanac_settings") if _exists(api) else None
-        settings = json.dumps({"ics_allow_hosts": host})
-        api.call("POST", "/variables", json={"key": "almanac_settings", "value": settings})
-        api.call("PATCH", "/dags/ics_sync", json={"is_paused": False})
         try:
+            folder = Path(tmp)
+            names = write_feeds(folder, args.calendars, args.events)
+            server = serve(folder)
+            host = f"127.0.0.1:{server.server_address[1]}"
+            register_calendars(db_url, f"http://{host}/", names)
+            settings = {**json.loads(previous or "{}"), "ics_allow_hosts": host}
+            _set_variable(api, json.dumps(settings))
+            api.call("PATCH", "/dags/ics_sync", json={"is_paused": False})
+            started.append("*")  # from here on a run of ics_sync may be ours before we know its id
             print(
                 f"{args.calendars} calendars x {args.events} events; feeds on {host}; "
                 f"tenant {BENCH_TENANT}"
             )
             first = _first_scheduled_run(api)  # unpausing starts one at once (run_immediately)
+            started[:] = [first]
             run_once(api, "cold", first)
-            run_once(api, "warm")
+            run_once(api, "warm", started=started)
         finally:
-            api.call("PATCH", "/dags/ics_sync", json={"is_paused": True})
-            server.shutdown()
+            _tidy(api, started, previous)
+            if server is not None:
+                server.shutdown()
+            cleanup(db_url)
+            print(f"removed tenant {BENCH_TENANT} (calendars, events, push-pending rows)", flush=True)
     return 0
 
 
-def _exists(api: Api) -> bool:
+def _tidy(api: Api, started: list[str], previous: str | None) -> None:
+    """Pause the DAG, fail what is still running of our runs (``["*"]``: any, as the DAG was
+    unpaused by us moments ago), put ``almanac_settings`` back."""
+    for step in (
+        lambda: api.call("PATCH", "/dags/ics_sync", json={"is_paused": True}),
+        lambda: _fail_unfinished(api, started),
+        lambda: _set_variable(api, previous),
+    ):
+        try:
+            step()
+        except (requests.RequestException, OSError) as exc:  # go on: the database rows go regardless
+            print(f"cleanup step failed: {exc}", file=sys.stderr)
+
+
+def _fail_unfinished(api: Api, started: list[str]) -> None:
+    params = {"limit": 100, "order_by": "-run_after"}
+    runs = api.call("GET", "/dags/ics_sync/dagRuns", params=params)["dag_runs"]
+    for run in runs:
+        ours = run["dag_run_id"] in started or started == ["*"]
+        if run["state"] in ("queued", "running") and ours:
+            api.call("PATCH", f"/dags/ics_sync/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
+
+
+def _variable(api: Api) -> str | None:
     try:
-        api.call("GET", "/variables/almanac_settings")
-        return True
-    except requests.HTTPError:
-        return False
+        return api.call("GET", "/variables/almanac_settings")["value"]
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 404:
+            return None
+        raise
+
+
+def _set_variable(api: Api, value: str | None) -> None:
+    """Set ``almanac_settings`` to ``value`` (None: no such Variable)."""
+    if _variable(api) is not None:
+        api.call("DELETE", "/variables/almanac_settings")
+    if value is not None:
+        api.call("POST", "/variables", json={"key": "almanac_settings", "value": value})
 
 
 def _first_scheduled_run(api: Api) -> str:

@@ -105,27 +105,63 @@ class LeaseKeeper:
 
     # ------------------------------------------------------------------ one lease
     def acquire(self, key: str) -> Lease:
-        value = f"{self.owner}|{secrets.token_hex(8)}"
-        answer = int(self.client.eval(_ACQUIRE, 1, key, self.owner, value, self.ttl_ms))
-        lease = Lease(key, value, taken=answer > 0, taken_over=answer == 2, _keeper=self)
-        if lease.taken:
+        return self.acquire_many([key])[0]
+
+    def acquire_many(self, keys: list[str]) -> list[Lease]:
+        """Try to take each of ``keys``, in one round trip to Redis; one ``Lease`` per key, in order
+        (check each ``.taken``). Each key is taken or refused on its own, exactly as ``acquire``."""
+        if not keys:
+            return []
+        values = [f"{self.owner}|{secrets.token_hex(8)}" for _ in keys]
+        if len(keys) == 1:
+            answers = [self.client.eval(_ACQUIRE, 1, keys[0], self.owner, values[0], self.ttl_ms)]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in zip(keys, values, strict=True):
+                pipe.eval(_ACQUIRE, 1, key, self.owner, value, self.ttl_ms)
+            answers = pipe.execute()
+        leases = []
+        for key, value, raw in zip(keys, values, answers, strict=True):
+            answer = int(raw)
+            lease = Lease(key, value, taken=answer > 0, taken_over=answer == 2, _keeper=self)
             if lease.taken_over:
                 log.info("lease %s taken over from an earlier try of %s", key, self.owner)
+            leases.append(lease)
+        taken = [lease for lease in leases if lease.taken]
+        if taken:
             with self._lock:
-                self._held[key] = lease
+                for lease in taken:
+                    self._held[lease.key] = lease
             self._ensure_renewer()
-        return lease
+        return leases
 
     def release(self, lease: Lease) -> None:
-        if not lease.taken:
+        self.release_many([lease])
+
+    def release_many(self, leases: list[Lease]) -> None:
+        """Release every taken lease of ``leases`` in one round trip (a lease another holder has
+        taken since is left alone). Never raises: if Redis is away, the TTL frees them."""
+        taken = [lease for lease in leases if lease.taken]
+        if not taken:
             return
         with self._lock:
-            self._held.pop(lease.key, None)
+            for lease in taken:
+                self._held.pop(lease.key, None)
         try:
-            self.client.eval(_RELEASE, 1, lease.key, lease.value)
+            if len(taken) == 1:
+                self.client.eval(_RELEASE, 1, taken[0].key, taken[0].value)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for lease in taken:
+                    pipe.eval(_RELEASE, 1, lease.key, lease.value)
+                pipe.execute()
         except Exception as exc:  # Redis away: the TTL frees it
             log.warning(
-                "could not release lease %s (%s); it expires in %.0fs", lease.key, exc, self.ttl_ms / 1000
+                "could not release %d lease(s), first %s (%s); they expire in %.0fs",
+                len(taken),
+                taken[0].key,
+                exc,
+                self.ttl_ms / 1000,
             )
 
     @contextmanager

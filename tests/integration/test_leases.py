@@ -77,3 +77,23 @@ def test_a_lease_taken_by_someone_else_meanwhile_is_marked_lost(redis_client):
         keeper.renew_all()
         assert lease.lost
     assert redis_client.get(KEY) == b"other/run/task/0|x"  # never freed someone else's lease
+
+
+def test_acquire_many_decides_each_key_on_its_own_in_one_round_trip(redis_client):
+    free, theirs, dead = lease_key("test", 11), lease_key("test", 12), lease_key("test", 13)
+    with LeaseKeeper(redis_client, "other/run/task/0") as other:
+        other.acquire(theirs)
+        stale = LeaseKeeper(redis_client, "dag/run/task/0")
+        stale.acquire(dead)
+        stale._stop.set()  # as after SIGKILL
+        with LeaseKeeper(redis_client, "dag/run/task/0") as retry:
+            got = retry.acquire_many([free, theirs, dead])
+            assert [(lease.taken, lease.taken_over) for lease in got] == [
+                (True, False),
+                (False, False),
+                (True, True),
+            ]
+            redis_client.set(free, "someone/else/x/0|y")  # ours expired and another took it
+            retry.release_many(got)
+        assert redis_client.get(free) == b"someone/else/x/0|y" and not redis_client.exists(dead)
+        assert redis_client.get(theirs).decode().startswith("other/run/task/0|")

@@ -71,6 +71,8 @@ class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]
+    #: The client's source port: one per TCP connection (keep-alive reuses it).
+    client_port: int = 0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -82,7 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         owner = self.server.owner
-        owner.requests.append(RecordedRequest("GET", self.path, {k: v for k, v in self.headers.items()}))
+        owner.requests.append(
+            RecordedRequest("GET", self.path, dict(self.headers.items()), client_port=self.client_address[1])
+        )
         route = owner.routes.get(self.path.split("?", 1)[0])
         try:
             if route is None:

@@ -567,6 +567,19 @@ def test_a_cookie_one_feed_sets_is_never_sent_with_another_calendars_request(ser
     assert "Cookie" not in server.requests[-1].headers
 
 
+def test_304_keeps_the_connection_alive_for_the_next_calendar(server):
+    """Regression: an unread streamed 304 closed its connection, so every unchanged calendar of a
+    batch paid a new TCP connection and the unchanged cycle grew worse than linearly."""
+    server.routes["/a.ics"] = Route(body=ICS, etag='"v1"')
+    ports = set()
+    with new_session() as session:
+        for _ in range(5):
+            result = get(server, "/a.ics", session=session, etag='"v1"')
+            assert result.not_modified
+            ports.add(server.requests[-1].client_port)
+    assert len(ports) == 1
+
+
 # --- fetch_with_settings: the one fetch path ---------------------------------------------------
 
 

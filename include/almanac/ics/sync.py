@@ -51,6 +51,10 @@ MAX_STORED_WARNINGS = 20
 #: Characters kept of each stored warning (and of the first warning in a result's detail).
 MAX_WARNING_CHARS = 300
 
+#: Calendars whose leases are taken (and released) together, in one Redis round trip each way.
+#: A calendar's lease is so held at most this many calendars' sync time longer than its own.
+LEASE_CHUNK = 25
+
 _INFRA_ERRORS: tuple[type[BaseException], ...] = ()
 
 
@@ -128,7 +132,8 @@ def sync_batch(
         instant: the run's instant (data interval end or logical date); anchors the window.
         leases: the task's ``LeaseKeeper`` (None: no leasing, e.g. a test). A calendar whose
             lease another live run holds is tried again at the end of the batch, after up to
-            ``ics_lease_wait_s``; still held, it is reported ``busy`` (retryable).
+            ``ics_lease_wait_s``; still held, it is reported ``busy`` (retryable). Leases are
+            taken and released ``LEASE_CHUNK`` calendars at a time (one Redis round trip each).
         session: ``requests.Session`` to reuse connections (one is made and closed if None).
         allow_hosts: hosts the address guard lets through (dev and test feed servers).
         parse_pool: the ``ParsePool`` feeds are parsed in (kept open for the caller); None: the
@@ -159,6 +164,7 @@ def sync_batch(
                     return None
                 return _sync_one(*args, lease)
 
+        todo: list[_Calendar] = []
         for calendar_id in ids:
             calendar = calendars.get(calendar_id)
             if calendar is None:
@@ -168,11 +174,24 @@ def sync_batch(
             elif not calendar.source_url:
                 results[calendar_id] = ItemResult(calendar_id, "skipped", error="calendar has no feed URL")
             else:
-                result = attempt(calendar)
-                if result is None:
-                    busy.append(calendar_id)
-                else:
-                    results[calendar_id] = result
+                todo.append(calendar)
+        for start in range(0, len(todo), LEASE_CHUNK):
+            chunk = todo[start : start + LEASE_CHUNK]
+            held = (
+                leases.acquire_many([lease_key(LEASE_JOB, calendar.id) for calendar in chunk])
+                if leases is not None
+                else [None] * len(chunk)
+            )
+            try:
+                for calendar, lease in zip(chunk, held, strict=True):
+                    if lease is not None and not lease.taken:
+                        busy.append(calendar.id)
+                    else:
+                        args = (conn, calendar, instant, settings, session, allow_hosts, sleep, unchanged)
+                        results[calendar.id] = _sync_one(*args, pool, lease)
+            finally:
+                if leases is not None:
+                    leases.release_many(held)
         deadline = time.monotonic() + settings.ics_lease_wait_s
         while busy and time.monotonic() < deadline:
             sleep(1.0)

@@ -393,14 +393,33 @@ def start_redis(profile: Profile, sec: dict[str, str]) -> str:
         subprocess.run([redis_server_bin(), conf], check=True)
         # The daemon may listen before it has written its pid file (seen on a fresh machine):
         # wait for both, so stop_redis always finds what it must stop.
-        for _ in range(200):
-            if _port_open(port) and (folder / "redis.pid").exists():
+        # And it answers LOADING while it reads its append-only file back after a restart.
+        for _ in range(400):
+            if (
+                _port_open(port)
+                and (folder / "redis.pid").exists()
+                and _redis_ready(port, sec["redis_password"])
+            ):
                 break
             time.sleep(0.05)
         else:
             sys.exit(f"dev: Redis did not come up on 127.0.0.1:{port}; see {folder / 'redis.log'}")
         STARTED.append("redis")
     return f"redis://:{quote(sec['redis_password'], safe='')}@127.0.0.1:{port}/0"
+
+
+def _redis_ready(port: int, password: str) -> bool:
+    """Redis answers PING (not ``-LOADING``: it has read its data back)."""
+    import redis
+
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.exceptions.RedisError:  # BusyLoadingError, ConnectionError, ...
+        return False
 
 
 def stop_redis(profile: Profile) -> None:

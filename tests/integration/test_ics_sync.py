@@ -5,13 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from almanac.batches import summarize_batch
 from almanac.ics.sync import ICS_KIND, LEASE_JOB, sync_batch
 from almanac.leases import LeaseKeeper, lease_key
 from almanac.settings import Settings
-from tests.support.feed_server import FeedServer, Route
+from tests.support.feed_server import Route
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
 # The corpus's DST feed is from 2019: anchor the run there so its events are in the window.
@@ -21,30 +19,6 @@ FAST = Settings(ics_fetch_attempts=2, ics_retry_max_wait_s=1)
 
 def feed(name: str) -> bytes:
     return (CORPUS / name).read_bytes()
-
-
-@pytest.fixture
-def server():
-    with FeedServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def calendars(db, server):
-    """Five calendars on the local feed server; returns a function to point one at a route."""
-    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
-    for cid in range(1, 6):
-        db.execute(
-            "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url)"
-            " VALUES (%s, 1, %s, 'Europe/Berlin', %s)",
-            (cid, f"c{cid}", server.url(f"/cal{cid}.ics")),
-        )
-    db.commit()
-
-    def route(cid: int, r: Route) -> None:
-        server.routes[f"/cal{cid}.ics"] = r
-
-    return route
 
 
 class Run(list):

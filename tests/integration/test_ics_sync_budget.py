@@ -23,7 +23,7 @@ from almanac.batches import summarize_batch
 from almanac.ics.budget import ParsePool
 from almanac.ics.sync import ICS_KIND, MAX_STORED_WARNINGS, MAX_WARNING_CHARS, sync_batch
 from almanac.settings import Settings
-from tests.support.feed_server import FeedServer, Route
+from tests.support.feed_server import Route
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
 INSTANT = datetime(2019, 3, 3, tzinfo=UTC)
@@ -121,30 +121,6 @@ def _hostile_feeds() -> dict[str, tuple[bytes, str]]:
 
 
 HOSTILE_FEEDS = _hostile_feeds()
-
-
-@pytest.fixture
-def server():
-    with FeedServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def calendars(db, server):
-    """Calendars 1..9 on the local feed server; returns a function to point one at a route."""
-    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
-    for cid in range(1, 10):
-        db.execute(
-            "INSERT INTO calendars (id, tenant_id, name, time_zone, source_url)"
-            " VALUES (%s, 1, %s, 'Europe/Berlin', %s)",
-            (cid, f"c{cid}", server.url(f"/cal{cid}.ics")),
-        )
-    db.commit()
-
-    def route(cid: int, r: Route) -> None:
-        server.routes[f"/cal{cid}.ics"] = r
-
-    return route
 
 
 def sync(db, server, ids, *, settings=HOSTILE, **kw):

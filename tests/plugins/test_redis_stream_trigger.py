@@ -90,6 +90,23 @@ async def _close(producer: RedisStreamProducer, agen) -> None:
     await producer.aclose()
 
 
+def _take_once(stream: str, n: int, *, then_nothing: bool = False, **kwargs) -> list:
+    """Open a producer, take ``n`` entries (and, with ``then_nothing``, check nothing follows), close it."""
+
+    async def main():
+        producer = _producer(stream, **kwargs)
+        agen = producer.open_stream()
+        try:
+            got = await _take(agen, n)
+            if then_nothing:
+                assert await _nothing_more(agen)
+        finally:
+            await _close(producer, agen)
+        return got
+
+    return asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- trigger
 
 
@@ -158,17 +175,7 @@ def test_burst_of_20_requests_yields_20_events(rds, stream):
     rds.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
     ids = {push_sync_request(rds, calendar_id, stream=stream): calendar_id for calendar_id in range(1, 21)}
 
-    async def main():
-        producer = _producer(stream, consumer="t1")
-        agen = producer.open_stream()
-        try:
-            got = await _take(agen, 20)
-            assert await _nothing_more(agen)
-        finally:
-            await _close(producer, agen)
-        return got
-
-    got = asyncio.run(main())
+    got = _take_once(stream, 20, then_nothing=True, consumer="t1")
     assert sorted(request["calendar_id"] for request, _ in got) == list(range(1, 21))
     assert {request["request_id"]: request["calendar_id"] for request, _ in got} == ids
     assert all(request["request_id"] == entry_id for request, entry_id in got)
@@ -177,15 +184,7 @@ def test_burst_of_20_requests_yields_20_events(rds, stream):
 def test_requests_pushed_before_the_group_exists_are_delivered(rds, stream):
     first = push_sync_request(rds, 7, stream=stream)  # no consumer group yet
 
-    async def main():
-        producer = _producer(stream, consumer="t1")
-        agen = producer.open_stream()
-        try:
-            return await _take(agen, 1)
-        finally:
-            await _close(producer, agen)
-
-    [(request, _)] = asyncio.run(main())
+    [(request, _)] = _take_once(stream, 1, consumer="t1")
     assert request == {"calendar_id": 7, "request_id": first}
 
 
@@ -252,18 +251,8 @@ def test_malformed_request_is_dead_lettered_with_a_log_line_and_the_next_one_arr
     }
     good = push_sync_request(rds, 9, stream=stream)
 
-    async def main():
-        producer = _producer(stream, consumer="t1")
-        agen = producer.open_stream()
-        try:
-            got = await _take(agen, 1)
-            assert await _nothing_more(agen)
-        finally:
-            await _close(producer, agen)
-        return got
-
     with caplog.at_level(logging.WARNING, logger="almanac_airflow.triggers"):
-        [(request, _)] = asyncio.run(main())
+        [(request, _)] = _take_once(stream, 1, then_nothing=True, consumer="t1")
     assert request == {"calendar_id": 9, "request_id": good}
     messages = [r.getMessage() for r in caplog.records if r.name == "almanac_airflow.triggers"]
     for entry_id in bad:
@@ -362,15 +351,7 @@ def test_hostile_entries_with_the_default_limits_are_refused_by_size(rds, stream
     huge = rds.xadd(stream, {"calendar_id": "9" * 5000})
     good = push_sync_request(rds, 4, stream=stream)
 
-    async def main():
-        producer = _producer(stream, consumer="t1")
-        agen = producer.open_stream()
-        try:
-            return await _take(agen, 1)
-        finally:
-            await _close(producer, agen)
-
-    [(request, _)] = asyncio.run(main())
+    [(request, _)] = _take_once(stream, 1, consumer="t1")
     assert request == {"calendar_id": 4, "request_id": good}
     [letter] = _dead(rds, stream)
     assert letter["entry_id"] == huge and letter["reason"].startswith("entry too large (5011 bytes")
@@ -489,15 +470,7 @@ def test_entry_deleted_while_pending_is_acknowledged_not_dead_lettered(rds, stre
     rds.xreadgroup(CONSUMER_GROUP, "host:1", {stream: ">"})
     rds.xdel(stream, gone)  # by hand: pending, but no longer in the stream
 
-    async def main():
-        producer = _producer(stream, consumer="host:1")
-        agen = producer.open_stream()
-        try:
-            return await _take(agen, 1)
-        finally:
-            await _close(producer, agen)
-
-    [(request, _)] = asyncio.run(main())
+    [(request, _)] = _take_once(stream, 1, consumer="host:1")
     assert request["request_id"] == good
     assert _dead(rds, stream) == []
     assert [p["message_id"] for p in rds.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10)] == [good]
@@ -570,16 +543,10 @@ def test_a_parser_bug_dead_letters_only_the_entries_it_fails_on(rds, stream, cap
     a_list = rds.xadd(stream, {"x": "list"})  # not a dict
     fine = rds.xadd(stream, {"x": "ok"})
 
-    async def main():
-        producer = _producer(stream, consumer="t1", parser="tests.support.stream_parsers.parse_buggy")
-        agen = producer.open_stream()
-        try:
-            return await _take(agen, 1)
-        finally:
-            await _close(producer, agen)
-
     with caplog.at_level(logging.WARNING, logger="almanac_airflow.triggers"):
-        [(request, _)] = asyncio.run(main())
+        [(request, _)] = _take_once(
+            stream, 1, consumer="t1", parser="tests.support.stream_parsers.parse_buggy"
+        )
     assert request == {"x": "ok", "request_id": fine}
     reasons = {d["entry_id"]: d["reason"] for d in _dead(rds, stream)}
     assert reasons == {

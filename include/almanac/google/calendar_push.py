@@ -357,6 +357,19 @@ def _push_member(
     return tally.result(user_id, status, error, permanent)
 
 
+def _in_scope_and_window(alias: str) -> str:
+    """SQL: the row ``alias`` (a link or a rejection) is in the run's calendar scope, and no instance of
+    it lies outside the window (``%(scope)s``/``%(lo)s``/``%(hi)s``; a null bound means everything).
+    ``alias`` is one of ours, never input."""
+    return f"""(%(scope)s::bigint[] IS NULL OR {alias}.calendar_id = ANY(%(scope)s::bigint[]))
+               AND (%(lo)s::timestamptz IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM events o
+                                    WHERE o.calendar_id = {alias}.calendar_id AND o.uid = {alias}.uid
+                                      AND o.recurrence_id = {alias}.recurrence_id
+                                      AND (o.starts_at < %(lo)s::timestamptz
+                                           OR o.starts_at >= %(hi)s::timestamptz)))"""
+
+
 def _plan(conn, account: GoogleAccount, scope: list[int] | None, window: Window | None = None) -> _Work:
     """The member's work; drops links and rejections of another Google account (caller commits).
 
@@ -400,35 +413,23 @@ def _plan(conn, account: GoogleAccount, scope: list[int] | None, window: Window 
         }
     with conn.cursor(row_factory=class_row(_Link)) as cur:
         cur.execute(
-            """
+            f"""
             SELECT l.calendar_id, l.uid, l.recurrence_id, l.google_calendar_id, l.google_event_id,
                    l.content_hash
               FROM google_event_links l
              WHERE l.user_id = %(user)s
-               AND (%(scope)s::bigint[] IS NULL OR l.calendar_id = ANY(%(scope)s::bigint[]))
-               AND (%(lo)s::timestamptz IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM events o
-                                    WHERE o.calendar_id = l.calendar_id AND o.uid = l.uid
-                                      AND o.recurrence_id = l.recurrence_id
-                                      AND (o.starts_at < %(lo)s::timestamptz
-                                           OR o.starts_at >= %(hi)s::timestamptz)))
+               AND {_in_scope_and_window("l")}
             """,
             params,
         )
         links = {link.key: link for link in cur.fetchall()}
     with conn.cursor(row_factory=class_row(_Rejection)) as cur:
         cur.execute(
-            """
+            f"""
             SELECT r.calendar_id, r.uid, r.recurrence_id, r.content_hash, r.operation, r.google_calendar_id
               FROM google_push_rejections r
              WHERE r.user_id = %(user)s
-               AND (%(scope)s::bigint[] IS NULL OR r.calendar_id = ANY(%(scope)s::bigint[]))
-               AND (%(lo)s::timestamptz IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM events o
-                                    WHERE o.calendar_id = r.calendar_id AND o.uid = r.uid
-                                      AND o.recurrence_id = r.recurrence_id
-                                      AND (o.starts_at < %(lo)s::timestamptz
-                                           OR o.starts_at >= %(hi)s::timestamptz)))
+               AND {_in_scope_and_window("r")}
             """,
             params,
         )

@@ -37,6 +37,7 @@ from typing import Any
 
 from almanac.batches import ItemResult, Kind, combine_summaries, summarize_batch
 from almanac.errors import PermanentError, RetryableError
+from almanac.imports import resolve
 
 __all__ = ["BatchFailedError", "BatchPermanentlyFailedError", "mapped_batches", "run_batch", "summarize_run"]
 
@@ -122,25 +123,6 @@ def announced_ids(kind: Kind, context, *, work_task_id: str) -> list[int]:
     )
 
 
-def _resolve_kind(kind: Kind | str) -> Kind:
-    """A ``Kind``, or ``"module.path:NAME"`` imported when a task runs (keeps DAG parsing light)."""
-    if isinstance(kind, Kind):
-        return kind
-    import importlib
-
-    module, _, name = kind.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _resolve_work(work: Callable | str) -> Callable:
-    if callable(work):
-        return work
-    import importlib
-
-    module, _, name = work.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def mapped_batches(
     plan,
     *,
@@ -180,12 +162,12 @@ def mapped_batches(
         context = get_current_context()
         context["batch_label"] = batch.get("label", "")
         threshold = failure_percent(load_settings())
-        return run_batch(_resolve_kind(kind), batch, context, _resolve_work(work), failure_percent=threshold)
+        return run_batch(resolve(kind), batch, context, resolve(work), failure_percent=threshold)
 
     @task(trigger_rule="all_done")
     def summarize() -> dict:
         return summarize_run(
-            _resolve_kind(kind), get_current_context(), plan_task_id=plan_task_id, work_task_id=task_id
+            resolve(kind), get_current_context(), plan_task_id=plan_task_id, work_task_id=task_id
         )
 
     batches = work_batch.expand(batch=plan)
@@ -199,7 +181,7 @@ def mapped_batches(
             from airflow.sdk.exceptions import AirflowSkipException
 
             context = get_current_context()
-            changed = announced_ids(_resolve_kind(kind), context, work_task_id=task_id)
+            changed = announced_ids(resolve(kind), context, work_task_id=task_id)
             if not changed:
                 raise AirflowSkipException("nothing changed: no asset event")
             context["outlet_events"][announce].extra = {key: changed}

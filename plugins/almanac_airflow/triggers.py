@@ -114,7 +114,6 @@ first, after ``claim_min_idle_seconds``). Look at them with
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -127,6 +126,7 @@ from airflow.triggers.shared_stream import AdvanceItem, AdvanceOutcome, SharedSt
 
 from almanac.errors import ConfigError
 from almanac.ics.requests import CONSUMER_GROUP, PARSER, STREAM_KEY
+from almanac.imports import import_object
 from almanac_airflow.hooks import REDIS_CONN_ID, async_redis_client
 
 __all__ = ["RedisStreamProducer", "RedisStreamTrigger"]
@@ -215,10 +215,9 @@ def _parser_path(parser: str | Callable[..., Any]) -> str:
 
 
 def _load_parser(path: str) -> Callable[[dict[str, str]], dict]:
-    module_name, _, name = path.rpartition(".")
     try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
+        function = import_object(path)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError(f"RedisStreamTrigger parser {path!r} cannot be imported: {exc}") from exc
     if not callable(function):
         raise ConfigError(f"RedisStreamTrigger parser {path!r} is not a function")

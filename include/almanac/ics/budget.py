@@ -45,6 +45,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from almanac.errors import PermanentError, RetryableError
+from almanac.imports import import_object
 
 __all__ = [
     "CalendarClock",
@@ -546,7 +547,7 @@ def _parse_packed(target: str, body: bytes, kwargs: dict) -> tuple:
     """Worker side of ``ParsePool.parse_feed``: run ``target`` and pack its ``ParseResult``."""
     from almanac.ics.parse import Instance, ParseResult
 
-    result = _resolve(target)(body, **kwargs)
+    result = import_object(target)(body, **kwargs)
     if not isinstance(result, ParseResult):
         return ("raw", result)
     names = [f.name for f in fields(Instance) if f.init]
@@ -573,11 +574,6 @@ def _unpack_parse_result(packed: tuple):
 
 
 # --- the worker side ---------------------------------------------------------------------------------
-
-
-def _resolve(target: str) -> Callable[..., Any]:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _memory_self() -> tuple[int, int]:
@@ -667,7 +663,7 @@ def _worker_main(argv: list[str]) -> None:
         _set_limit(resource.RLIMIT_CPU, math.ceil(_cpu_used() + cpu_s))
         reply: tuple
         try:
-            reply = ("ok", _resolve(target)(*args, **kwargs))
+            reply = ("ok", import_object(target)(*args, **kwargs))
         except MemoryError:
             reply = ("memory", None)
         except Exception as exc:  # every failure of the call goes back to the parent

@@ -361,3 +361,43 @@ def test_instances_are_sorted_and_unique():
     keys = [(i.starts_at, i.uid, i.recurrence_id) for i in result.instances]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert [i.uid for i in result.instances[:2]] == ["a", "b"]
+
+
+# --- properties no code reads are dropped before icalendar parses the feed ---------------------
+
+PLAIN = (
+    "UID:p\nDTSTART;TZID=Europe/Berlin:20240301T100000\nDTEND;TZID=Europe/Berlin:20240301T110000\nSUMMARY:P"
+)
+
+
+def test_properties_no_code_reads_change_nothing_in_the_result():
+    noisy = PLAIN + (
+        '\nATTENDEE;CN="never closed:mailto:a@example.com'
+        "\nORGANIZER;" + ";".join(f"X-P{i}=v" for i in range(5_000)) + ":mailto:o@example.com"
+        "\nDTSTAMP:not a date\nCREATED:2024\nX-MICROSOFT-CDO-BUSYSTATUS;X=\"\":BUSY\nCATEGORIES:a,b"
+        "\nBEGIN:VALARM\nACTION:DISPLAY\nTRIGGER:-PT15M\nEND:VALARM"
+    )
+    clean, dirty = parse(feed(PLAIN)), parse(feed(noisy))
+    assert dirty.problems == [] and dirty.instances == clean.instances
+
+
+def test_property_names_are_read_case_insensitively():
+    lower = PLAIN.lower().replace("europe/berlin", "Europe/Berlin").replace("summary:p", "summary:P")
+    assert parse(feed(lower)).instances == parse(feed(PLAIN)).instances
+
+
+def test_what_a_vtimezone_and_the_calendar_say_is_kept():
+    vtimezone = (
+        "BEGIN:VTIMEZONE\nTZID:Custom/Zone\nX-LIC-LOCATION:Custom/Zone\nBEGIN:STANDARD\n"
+        "DTSTART:19700101T000000\nTZOFFSETFROM:+0300\nTZOFFSETTO:+0300\nTZNAME:C3\nEND:STANDARD\n"
+        "END:VTIMEZONE\nX-WR-TIMEZONE:America/New_York\n"
+    )
+    [zoned, floating] = parse(
+        feed(
+            "UID:z\nDTSTART;TZID=Custom/Zone:20240301T100000",
+            "UID:f\nDTSTART:20240302T100000",
+            header=vtimezone,
+        )
+    ).instances
+    assert zoned.starts_at == utc(2024, 3, 1, 7)
+    assert floating.start == datetime(2024, 3, 2, 10, tzinfo=NEW_YORK)

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
+from typing import Any
 
 import icalendar
 import x_wr_timezone
@@ -61,6 +62,19 @@ _FOLD = re.compile(rb"\n[ \t]")
 _RAW_LINE = re.compile(r"^(DURATION|RDATE)([;:].*)$", re.IGNORECASE | re.MULTILINE)
 _PERIOD_WITH_DURATION = re.compile(r"/[+-]?P", re.IGNORECASE)
 _RAW_PARAM = "X-ALMANAC-RAW"
+# The properties anything below reads (ours, icalendar's zone building, recurring_ical_events,
+# x_wr_timezone). Every other well-formed content line is dropped before icalendar parses the
+# feed: on real feeds most lines are DTSTAMP, ATTENDEE, ORGANIZER, X-... that cost parse time
+# (their parameters above all) and whose breakage would only cost us the event.
+_READ_PROPERTIES = (
+    "BEGIN|END|UID|DTSTART|DTEND|DURATION|RRULE|RDATE|EXDATE|EXRULE|RECURRENCE-ID|SEQUENCE"
+    "|SUMMARY|DESCRIPTION|LOCATION|STATUS"
+    "|TZID|TZURL|TZOFFSETFROM|TZOFFSETTO|TZNAME"
+    "|VERSION|PRODID|CALSCALE|METHOD|X-WR-TIMEZONE|X-WR-CALNAME|X-LIC-LOCATION"
+)
+_UNREAD_LINE = re.compile(
+    rf"^(?!(?:{_READ_PROPERTIES})[;:])[A-Za-z0-9-]+[;:][^\n]*\n", re.IGNORECASE | re.MULTILINE
+)
 _PERIODS_STASH = "X-ALMANAC-PERIOD-DURATIONS"
 _DURATION = re.compile(
     r"^([+-])?P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$", re.IGNORECASE
@@ -242,6 +256,7 @@ def _decode(body: bytes) -> str:
     if not _ICAL_START.search(text):
         start = "".join(c if c.isprintable() else "?" for c in text.lstrip()[:40])
         raise FeedParseError(f"the feed is not iCalendar: no BEGIN:VCALENDAR line (it starts with {start!r})")
+    text = _UNREAD_LINE.sub("", text)
     text = _RAW_LINE.sub(_keep_raw_value, text)
     # A trailing newline also keeps icalendar from probing a one-line body as a file path.
     return text if text.endswith("\n") else text + "\n"
@@ -586,6 +601,8 @@ class _Fields:
     location: str
     status: str
     status_stated: str | None
+    #: The content hash's state after the texts and status: each instance only adds its times.
+    digest: Any = field(default=None, compare=False, repr=False)
 
 
 def _expand(
@@ -718,12 +735,14 @@ def _field_reader(max_chars: int, problems: list[str]) -> Callable[[icalendar.Ev
                 text = _cut(text, max_chars)
             texts[name] = text
         stated = _text(component.get("STATUS")).strip().lower() or None
+        status = "tentative" if stated == "tentative" else "confirmed"
         fields = _Fields(
             summary=texts["SUMMARY"],
             description=texts["DESCRIPTION"],
             location=texts["LOCATION"],
-            status="tentative" if stated == "tentative" else "confirmed",
+            status=status,
             status_stated=stated,
+            digest=_hash_base(texts["SUMMARY"], texts["DESCRIPTION"], texts["LOCATION"], status),
         )
         cache[id(component)] = fields
         return fields
@@ -1035,6 +1054,7 @@ def _instance(
             all_day,
             start,
             end,
+            base=shared.digest,
         ),
         status_stated=shared.status_stated,
     )
@@ -1049,15 +1069,30 @@ def _content_hash(
     all_day: bool,
     start: date | datetime,
     end: date | datetime,
+    *,
+    base: Any = None,
 ) -> str:
-    """What a stored row is compared by. ``status_stated`` enters it only when it says more than
-    ``status`` (absent, ``confirmed`` and ``tentative`` hash as before it existed)."""
+    """What a stored row is compared by: the SHA-256 of the JSON list ``[summary, description,
+    location, status, all_day, start, end, zone]``, plus ``status_stated`` only when it says more
+    than ``status`` (absent, ``confirmed`` and ``tentative`` hash as before it existed).
+
+    ``base``: ``_hash_base`` of the same four texts, so that the instances of a series hash their
+    shared texts once (the digest is the same)."""
+    if base is None:
+        base = _hash_base(summary, description, location, status)
     zone = "" if all_day else zone_name(start.tzinfo)
-    values = [summary, description, location, status, all_day, start.isoformat(), end.isoformat(), zone]
+    values = [all_day, start.isoformat(), end.isoformat(), zone]
     if status_stated is not None and status_stated != status:
         values.append(status_stated)
-    payload = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    digest = base.copy()
+    digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":"))[1:].encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _hash_base(summary: str, description: str, location: str, status: str):
+    """The content hash's SHA-256 state after ``[summary,description,location,status,``."""
+    head = json.dumps([summary, description, location, status], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(head[:-1].encode("utf-8") + b",")
 
 
 def _apply_text_budget(instances: list[Instance], budget: int, problems: list[str]) -> list[Instance]:

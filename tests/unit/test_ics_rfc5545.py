@@ -75,6 +75,24 @@ def test_dtend_minus_dtstart_is_an_exact_duration_for_an_instance_across_fall_ba
     assert (sunday.end.hour, sunday.end.minute, sunday.end.utcoffset()) == (2, 30, timedelta(hours=1))
 
 
+def test_an_event_from_the_first_into_the_repeated_hour_of_a_fall_back_keeps_its_instants():
+    """RFC 5545 3.3.5: DATE-TIME values in UTC are instants. Under X-WR-TIMEZONE they read
+    01:30 PDT to 01:00 PST (the repeated hour): the end is later than the start."""
+    [i] = parse(
+        feed(
+            "UID:fold\nDTSTART:20241103T083000Z\nDTEND:20241103T090000Z",
+            header="X-WR-TIMEZONE:America/Los_Angeles\n",
+        )
+    ).instances
+    assert (i.starts_at, i.ends_at) == (utc(2024, 11, 3, 8, 30), utc(2024, 11, 3, 9))
+    assert i.start.utcoffset() == timedelta(hours=-7) and i.end.utcoffset() == timedelta(hours=-8)
+
+
+def test_an_event_whose_end_precedes_its_start_is_read_the_other_way_round():
+    [i] = parse(feed("UID:swapped\nDTSTART:20240301T110000Z\nDTEND:20240301T100000Z")).instances
+    assert (i.starts_at, i.ends_at) == (utc(2024, 3, 1, 10), utc(2024, 3, 1, 11))
+
+
 def test_exact_duration_of_the_first_instance_spanning_dst_is_kept_by_every_instance():
     """Saturday 12:00 CET to Sunday 12:00 CEST is 23 h elapsed; the next weekend lasts 23 h as well."""
     result = parse(

@@ -768,6 +768,11 @@ def _expand_series(
     fields: Callable[[icalendar.Event], _Fields],
 ) -> Iterator[list[Instance]]:
     """The instances of one series, one list per piece of the window, pieces in time order."""
+    if len(components) == 1:
+        single = _single_instance(uid, components[0], window_start, window_end, fields)
+        if single is not _NOT_SIMPLE:
+            yield [single] if single is not None else []
+            return
     adapters = [EventAdapter(c) for c in components]
     master = next((a for a in adapters if not a.is_modification()), None)
     recurring = master is not None and ("RRULE" in master._component or "RDATE" in master._component)
@@ -809,6 +814,52 @@ def _expand_series(
                     end = length.end(start)
             batch.append(_instance(uid, recurrence_id, shared, start, end))
         yield batch
+
+
+_NOT_SIMPLE = object()
+
+
+def _single_instance(
+    uid: str,
+    component: icalendar.Event,
+    window_start: datetime,
+    window_end: datetime,
+    fields: Callable[[icalendar.Event], _Fields],
+) -> Instance | None | object:
+    """The one instance of a timed event that does not recur (None: outside the window or
+    cancelled), computed from its own DTSTART and DTEND/DURATION as instants; ``_NOT_SIMPLE`` for
+    anything else (the library expands those).
+
+    recurring_ical_events orders DTSTART and DTEND by wall time, so an event that starts in the
+    first and ends in the repeated hour of a DST fall-back (01:30 PDT to 01:00 PST, written in
+    UTC under an X-WR-TIMEZONE) came out as ending before it starts."""
+    if any(name in component for name in ("RRULE", "RDATE", "EXDATE", "EXRULE", "RECURRENCE-ID")):
+        return _NOT_SIMPLE
+    start = component["DTSTART"].dt
+    if not isinstance(start, datetime) or start.tzinfo is None:
+        return _NOT_SIMPLE
+    dtend, duration = component.get("DTEND"), component.get("DURATION")
+    if dtend is not None:
+        end = dtend.dt
+        if not isinstance(end, datetime) or end.tzinfo is None:
+            return _NOT_SIMPLE
+        if end.astimezone(UTC) < start.astimezone(UTC):  # swapped in the feed: as the library does
+            start, end = end, start
+    elif duration is not None:
+        if not isinstance(duration.dt, timedelta) or duration.dt < timedelta(0):
+            return _NOT_SIMPLE
+        length = _parse_duration(duration.params.get(_RAW_PARAM))
+        if length is None or timedelta(days=length.days) + length.exact != duration.dt:
+            length = _from_timedelta(duration.dt)
+        end = length.end(start)
+    else:
+        end = start  # RFC 5545 3.6.1: a DATE-TIME start alone lasts no time
+    if not window_start <= start.astimezone(UTC) < window_end:
+        return None
+    shared = fields(component)
+    if shared.status_stated == "cancelled":
+        return None
+    return _instance(uid, "", shared, start, end)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,8 @@ _INFRA_ERRORS: tuple[type[BaseException], ...] = ()
 
 class FeedDataRefusedError(PermanentError):
     """The database refused the feed's data (PostgreSQL class 22: a NUL character, text it
-    cannot encode, a value out of range); nothing of this sync was stored.
+    cannot encode, a value out of range; or a CHECK constraint such as an event ending before it
+    starts); nothing of this sync was stored.
 
     What to do: look at the feed (``almanac ics inspect URL``) for the value named in the
     message; the feed's owner has to fix it. The other calendars are not affected.
@@ -351,7 +352,7 @@ def _sync_one(
             if "statement timeout" not in str(e):
                 raise
             raise clock.exceeded("store") from e
-        except psycopg.DataError as e:  # the feed's data, not the database, is at fault
+        except (psycopg.DataError, psycopg.errors.CheckViolation) as e:  # the feed's data is at fault
             primary = e.diag.message_primary or str(e)
             raise FeedDataRefusedError(
                 f"calendar {calendar.id}: the database refused the feed's data ({primary})"

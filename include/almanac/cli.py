@@ -5,6 +5,9 @@
     almanac demo load [options]   load deterministic demo data (idempotent)
     almanac ics inspect SOURCE    parse and expand a feed (URL or file): one JSON object per instance
     almanac ics sync CALENDAR_ID  the ics_sync DAG's sync of one calendar, outside Airflow
+    almanac notifications stats   outbox rows per channel and status
+    almanac notifications dead    dead and uncertain notifications, newest first (JSON lines)
+    almanac notifications retry ID  send a dead, uncertain or failed notification again
 
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
@@ -68,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--allow-host", action="append", default=[], help="let this host[:port] through the guard"
     )
+    notes = groups.add_parser("notifications", help="the notification outbox").add_subparsers(
+        dest="command", required=True
+    )
+    notes.add_parser("stats", help="rows per channel and status")
+    dead = notes.add_parser("dead", help="dead and uncertain notifications, newest first")
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--channel", choices=["email", "sms", "push"])
+    again = notes.add_parser("retry", help="send a dead, uncertain or failed notification again")
+    again.add_argument("notification_id", type=int)
+
     sync = ics.add_parser("sync", help="sync one calendar now, as the DAG does")
     sync.add_argument("calendar_id", type=int)
     sync.add_argument(
@@ -183,6 +196,26 @@ def _run(args: argparse.Namespace, conn) -> int:
         summary = summarize_batch(ICS_KIND, results, keep_unchanged=True)
         print(json.dumps(summary, indent=2))
         return 0 if summary["errorCount"] == 0 else 1
+    elif args.group == "notifications":
+        return _notifications(args, conn)
+    return 0
+
+
+def _notifications(args: argparse.Namespace, conn) -> int:
+    from almanac.notify import outbox
+
+    if args.command == "stats":
+        print(json.dumps(outbox.stats(conn), indent=2))
+    elif args.command == "dead":
+        for row in outbox.needing_attention(conn, limit=args.limit, channel=args.channel):
+            print(json.dumps(row, default=str))
+    elif args.command == "retry":
+        try:
+            was = outbox.retry(conn, args.notification_id)
+        except (LookupError, ValueError) as exc:
+            print(f"almanac: {exc}", file=sys.stderr)
+            return 2
+        print(f"notification {args.notification_id} ({was}) is due again now")
     return 0
 
 

@@ -102,6 +102,37 @@ class Settings:
     #: Google Calendar calls per HTTP batch request (1..50; Calendar takes at most 50).
     google_batch_size: int = 50
 
+    # --- Notifications (outbox dispatch) ---------------------------------------------
+    #: Tries per notification before it is ``dead``, per channel (the spec: 5 in development,
+    #: 7 in production). Waits double from ``notify_backoff_base_s``; a Retry-After replaces one.
+    notify_email_attempts: int = 5
+    notify_sms_attempts: int = 5
+    notify_push_attempts: int = 5
+    notify_backoff_base_s: int = 1
+    #: Longest wait between two tries of one notification, in seconds.
+    notify_backoff_max_s: int = 3600
+    #: Rows one dispatcher claims at a time (``FOR UPDATE SKIP LOCKED``).
+    notify_claim_batch: int = 100
+    #: Sends in flight at once inside one dispatch task.
+    notify_parallel_sends: int = 5
+    #: A claim's lease, in seconds: a dispatcher that dies leaves its rows for this long; then
+    #: rows not yet handed to the provider are pending again, rows handed over are uncertain.
+    notify_lease_s: int = 300
+    #: A dispatch task stops claiming after this many seconds (the schedule is every minute).
+    notify_run_budget_s: int = 45
+    #: How often a waiting dispatcher looks at the outbox when no wake-up arrives, in ms.
+    notify_idle_poll_ms: int = 500
+    #: Dispatch tasks per channel per run at most (each takes one slot of its channel's pool).
+    notify_workers_per_channel: int = 4
+    #: Provider limits, held in Redis across all workers (per second, per channel).
+    notify_email_per_second: int = 100
+    notify_sms_per_second: int = 10
+    notify_push_per_second: int = 500
+    #: Per-user limits, per hour and channel. A limited notification waits; it is not failed.
+    notify_email_per_user_per_hour: int = 30
+    notify_sms_per_user_per_hour: int = 10
+    notify_push_per_user_per_hour: int = 60
+
     @property
     def ics_allow_host_set(self) -> frozenset[str]:
         return frozenset(h.strip() for h in self.ics_allow_hosts.split(",") if h.strip())

@@ -1,0 +1,74 @@
+"""Notifications: rate limits held in Redis across every worker (the ``limits`` library).
+
+Two limits per channel, both from ``Settings``: the provider's (``notify_<channel>_per_second``, all
+users together) and each user's (``notify_<channel>_per_user_per_hour``). A limited notification
+waits: the dispatcher gives it back to the outbox due again when the user's window allows, or
+sleeps briefly for the provider's window. Each send attempt counts against both limits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from limits import RateLimitItemPerHour, RateLimitItemPerSecond
+from limits.storage import RedisStorage
+from limits.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+from almanac.settings import Settings
+
+__all__ = ["KEY_PREFIX", "NotifyLimiter"]
+
+KEY_PREFIX = "almanac:notify-limit"
+
+
+class NotifyLimiter:
+    """The two limits of each channel, over one Redis client (``redis.Redis``)."""
+
+    def __init__(self, redis_client, settings: Settings, *, key_prefix: str = KEY_PREFIX) -> None:
+        storage = RedisStorage(
+            "redis://", connection_pool=redis_client.connection_pool, key_prefix=key_prefix
+        )
+        # Provider limits: fixed one-second windows (one INCR each); per user: a sliding window,
+        # so an hour's allowance cannot be spent twice across a window boundary.
+        self._provider = FixedWindowRateLimiter(storage)
+        self._user = SlidingWindowCounterRateLimiter(storage)
+        self._per_second = {
+            channel: RateLimitItemPerSecond(getattr(settings, f"notify_{channel}_per_second"))
+            for channel in ("email", "sms", "push")
+        }
+        self._per_user = {
+            channel: RateLimitItemPerHour(getattr(settings, f"notify_{channel}_per_user_per_hour"))
+            for channel in ("email", "sms", "push")
+        }
+
+    def user_wait(self, channel: str, user_id: int | None) -> float:
+        """0 when ``user_id`` may get one more ``channel`` message now (and counts it), else the
+        seconds until their window allows one. Messages to an explicit address (no user) are
+        only under the provider limit."""
+        if user_id is None:
+            return 0.0
+        item = self._per_user[channel]
+        if self._user.hit(item, channel, str(user_id)):
+            return 0.0
+        reset = self._user.get_window_stats(item, channel, str(user_id)).reset_time
+        return max(1.0, reset - time.time())
+
+    def provider_slot(
+        self,
+        channel: str,
+        *,
+        deadline: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> bool:
+        """Wait for one send of ``channel`` under the provider limit; False if ``deadline``
+        (a ``clock`` value) comes first."""
+        item = self._per_second[channel]
+        while not self._provider.hit(item, channel):
+            reset = self._provider.get_window_stats(item, channel).reset_time
+            pause = min(max(0.01, reset - time.time()), 1.0)
+            if clock() + pause >= deadline:
+                return False
+            sleep(pause)
+        return True

@@ -8,6 +8,7 @@
     almanac notifications stats   outbox rows per channel and status
     almanac notifications dead    dead and uncertain notifications, newest first (JSON lines)
     almanac notifications retry ID  send a dead, uncertain or failed notification again
+    almanac notifications enqueue --user ID --channel C --body TEXT   put one message in the outbox
 
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
@@ -80,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--channel", choices=["email", "sms", "push"])
     again = notes.add_parser("retry", help="send a dead, uncertain or failed notification again")
     again.add_argument("notification_id", type=int)
+    new = notes.add_parser("enqueue", help="put one message in the outbox (and wake the dispatcher)")
+    new.add_argument("--user", type=int, help="the user it goes to (their address / number / devices)")
+    new.add_argument("--to", help="an explicit email address or E.164 number instead")
+    new.add_argument("--channel", choices=["email", "sms", "push"], required=True)
+    new.add_argument("--subject")
+    new.add_argument("--body", required=True)
+    new.add_argument("--kind", default="manual")
+    new.add_argument("--key", help="idempotency key (default: a new one, so each call is a new message)")
+    new.add_argument("--tenant", type=int, help="default: the user's tenant")
 
     sync = ics.add_parser("sync", help="sync one calendar now, as the DAG does")
     sync.add_argument("calendar_id", type=int)
@@ -216,6 +226,41 @@ def _notifications(args: argparse.Namespace, conn) -> int:
             print(f"almanac: {exc}", file=sys.stderr)
             return 2
         print(f"notification {args.notification_id} ({was}) is due again now")
+    elif args.command == "enqueue":
+        import uuid
+
+        tenant = args.tenant
+        if tenant is None and args.user is not None:
+            found = conn.execute("SELECT tenant_id FROM users WHERE id = %s", (args.user,)).fetchone()
+            if found is None:
+                print(f"almanac: no user {args.user}", file=sys.stderr)
+                return 2
+            tenant = found[0]
+        if tenant is None:
+            print("almanac: give --tenant with --to", file=sys.stderr)
+            return 2
+        try:
+            note = outbox.NewNotification(
+                tenant_id=tenant,
+                channel=args.channel,
+                kind=args.kind,
+                idempotency_key=args.key or f"cli:{uuid.uuid4()}",
+                body=args.body,
+                user_id=args.user,
+                recipient=args.to,
+                subject=args.subject,
+            )
+        except ValueError as exc:
+            print(f"almanac: {exc}", file=sys.stderr)
+            return 2
+        nid = outbox.enqueue(conn, note)
+        conn.commit()
+        if os.environ.get("ALMANAC_REDIS_URL"):
+            from almanac.db.redis_conn import connect_redis
+            from almanac.notify.wakeups import push_wakeup
+
+            push_wakeup(connect_redis(), nid)
+        print(f"notification {nid} ({note.idempotency_key}) is in the outbox")
     return 0
 
 

@@ -298,3 +298,32 @@ def test_sync_says_on_stderr_when_it_retries(db):
         out = almanac("ics", "sync", "7", env=settings_env(server, ics_window_days_back=3650))
     assert out.returncode == 0, out.stderr
     assert "feed host 127.0.0.1: try 1 of 3 failed" in out.stderr
+
+
+def test_notifications_enqueue_stats_dead_and_retry(db):
+    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
+    db.execute("INSERT INTO users (id, tenant_id, name, email) VALUES (5, 1, 'Eve', 'eve@example.com')")
+    db.commit()
+    made = almanac(
+        "notifications", "enqueue", "--user", "5", "--channel", "email", "--body", "hi", "--key", "k1"
+    )
+    assert made.returncode == 0, made.stderr
+    nid = int(made.stdout.split()[1])
+    again = almanac(
+        "notifications", "enqueue", "--user", "5", "--channel", "email", "--body", "hi", "--key", "k1"
+    )
+    assert int(again.stdout.split()[1]) == nid  # one key, one row
+    stats = json.loads(almanac("notifications", "stats").stdout)
+    assert stats["email"]["pending"] == 1 and stats["sms"]["pending"] == 0
+    refused = almanac("notifications", "retry", str(nid))
+    assert refused.returncode == 2 and "is pending" in refused.stderr
+    db.execute("UPDATE notifications SET status = 'dead', last_error = 'SMTP 550' WHERE id = %s", (nid,))
+    db.commit()
+    [dead] = [json.loads(line) for line in almanac("notifications", "dead").stdout.splitlines()]
+    assert (dead["id"], dead["status"], dead["last_error"]) == (nid, "dead", "SMTP 550")
+    retried = almanac("notifications", "retry", str(nid))
+    assert retried.returncode == 0 and "(dead) is due again now" in retried.stdout
+    bad = almanac(
+        "notifications", "enqueue", "--channel", "push", "--to", "+1555", "--tenant", "1", "--body", "x"
+    )
+    assert bad.returncode == 2 and "user_id is required" in bad.stderr

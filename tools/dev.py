@@ -3,8 +3,9 @@
 Run through ``./dev`` (which first makes ``.venv``). Commands:
 
     up       provision services, migrate both databases, load demo data, start the demo feed
-             server (dev profile) and Airflow
-    down     stop Airflow, the demo feed server and the private services started by ``up``
+             server and the notification provider fakes (dev profile) and Airflow, create the
+             notification pools
+    down     stop Airflow, the demo feed server, the fakes and the private services started by ``up``
     test     lint with ruff (only when given no pytest args), provision the *test* services
              (own ports and data), then run pytest
     services only PostgreSQL and Redis (migrated), e.g. for benchmarks
@@ -30,6 +31,15 @@ Demo feeds (dev profile): ``up`` writes ``var/dev/feeds/calendar-<id>.ics`` for 
 calendar (if missing), serves them on 127.0.0.1:58080 (``almanac.demo_feeds``) and points the
 demo calendars at them; ``up`` adds that host to ``ics_allow_hosts`` in the Variable
 ``almanac_settings`` (through the REST API, keeping the rest of it) so the feed guard lets it through.
+
+Notification fakes (dev profile): ``up`` starts ``python -m almanac.notify.fakes serve`` (a real
+SMTP server on 127.0.0.1:58025, a Twilio-shaped SMS API on :58026, FCM v1 and its token endpoint on
+:58027), writing what they accept to ``var/dev/outbox/`` (``email/*.eml``, ``sms.jsonl``,
+``push.jsonl``), and points the connections ``smtp_default``, ``sms_default`` and ``fcm_default``
+at them (``AIRFLOW_CONN_*`` in the stack's environment). The SMS auth token is a generated secret
+(it reaches the fakes in their environment, not on a command line); the FCM service-account key
+is ``var/dev/outbox/fcm-service-account.json`` (0600, kept across restarts). ``up`` also creates the
+pools ``notifications_email``, ``_sms``, ``_push`` (5 slots) when missing, keeping edited ones.
 """
 
 from __future__ import annotations
@@ -74,6 +84,9 @@ class Profile:
     #: bring their own feed servers and set ``almanac_settings`` through the API, which an
     #: AIRFLOW_VAR_ALMANAC_SETTINGS from this stack would shadow).
     demo_feeds_port: int | None = None
+    #: Ports (SMTP, SMS, FCM) of the notification provider fakes ``up`` starts; None: none (the
+    #: test profile: tests start their own fakes in-process, on OS-chosen ports).
+    notify_fakes_ports: tuple[int, int, int] | None = None
 
     @property
     def var(self) -> Path:
@@ -94,9 +107,29 @@ class Profile:
             return None
         return f"http://127.0.0.1:{self.port('DEMO_FEEDS_PORT', self.demo_feeds_port)}"
 
+    @property
+    def notify_fakes(self) -> dict[str, int] | None:
+        """Ports of the notification fakes by channel (``<PREFIX>FAKE_SMTP_PORT``,
+        ``<PREFIX>FAKE_SMS_PORT``, ``<PREFIX>FAKE_FCM_PORT`` override them); None: no fakes."""
+        if self.notify_fakes_ports is None:
+            return None
+        smtp, sms, fcm = self.notify_fakes_ports
+        return {
+            "email": self.port("FAKE_SMTP_PORT", smtp),
+            "sms": self.port("FAKE_SMS_PORT", sms),
+            "push": self.port("FAKE_FCM_PORT", fcm),
+        }
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where the notification fakes write what they accept (and keep their keys)."""
+        return self.var / "outbox"
+
 
 PROFILES = {
-    "dev": Profile("dev", 55432, 56379, 8080, "ALMANAC_", demo_feeds_port=58080),
+    "dev": Profile(
+        "dev", 55432, 56379, 8080, "ALMANAC_", demo_feeds_port=58080, notify_fakes_ports=(58025, 58026, 58027)
+    ),
     "test": Profile("test", 55433, 56380, 28080, "ALMANAC_TEST_"),
 }
 
@@ -159,8 +192,13 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         if stat.S_IMODE(path.stat().st_mode) & 0o077:  # written by an older ./dev: tighten
             path.chmod(0o600)
         values = json.loads(path.read_text())
-        if "token_fernet_key" not in values:  # stacks set up before google_calendar_push
-            values["token_fernet_key"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        added = {  # stacks set up before google_calendar_push / the notification outbox
+            "token_fernet_key": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
+            "sms_auth_token": lambda: secrets.token_hex(16),
+        }
+        missing = {key: new() for key, new in added.items() if key not in values}
+        if missing:
+            values.update(missing)
             write_private(path, json.dumps(values, indent=2))
         return values
     values = {
@@ -171,6 +209,7 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         "fernet_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
         "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
         "api_secret_key": secrets.token_urlsafe(32),
+        "sms_auth_token": secrets.token_hex(16),  # the SMS fake's (Twilio-shaped) auth token
     }
     write_private(path, json.dumps(values, indent=2))
     return values
@@ -506,7 +545,48 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
             if merged is None:
                 sys.exit("dev: AIRFLOW_VAR_ALMANAC_SETTINGS is not a JSON object; fix or unset it")
             env["AIRFLOW_VAR_ALMANAC_SETTINGS"] = merged
+    if profile.notify_fakes:
+        env.update(notify_connections(profile, sec))
     return env
+
+
+def notify_connections(profile: Profile, sec: dict[str, str]) -> dict[str, str]:
+    """The connections ``smtp_default``, ``sms_default`` and ``fcm_default`` pointing at the
+    profile's notification fakes (Airflow's JSON connection format), and ``ALMANAC_OUTBOX_DIR``."""
+    from almanac.notify.fakes import DEFAULT_ACCOUNT_SID
+
+    ports = profile.notify_fakes or {}
+    smtp = {
+        "conn_type": "smtp",
+        "host": "127.0.0.1",
+        "port": ports["email"],
+        # Plain TCP, no TLS; retry_limit 0: the SmtpHook would otherwise send again by itself
+        # after an error, and retrying is the outbox's job (it knows what may have been sent).
+        "extra": {
+            "from_email": NOTIFY_FROM_EMAIL, "disable_tls": True, "disable_ssl": True, "retry_limit": 0
+        },
+    }
+    sms = {
+        "conn_type": "http",
+        "host": f"http://127.0.0.1:{ports['sms']}",
+        "login": DEFAULT_ACCOUNT_SID,
+        "password": sec["sms_auth_token"],
+        "extra": {"from_number": NOTIFY_FROM_NUMBER},
+    }
+    fcm = {
+        "conn_type": "http",
+        "host": f"http://127.0.0.1:{ports['push']}",
+        "extra": {
+            "project_id": NOTIFY_FCM_PROJECT,
+            "service_account_file": str(profile.outbox_dir / "fcm-service-account.json"),
+        },
+    }
+    return {
+        "AIRFLOW_CONN_SMTP_DEFAULT": json.dumps(smtp),
+        "AIRFLOW_CONN_SMS_DEFAULT": json.dumps(sms),
+        "AIRFLOW_CONN_FCM_DEFAULT": json.dumps(fcm),
+        "ALMANAC_OUTBOX_DIR": str(profile.outbox_dir),
+    }
 
 
 def settings_allowing(raw: str | None, host_port: str) -> str | None:
@@ -567,6 +647,11 @@ def _pidfile(profile: Profile, component: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    try:  # a child of this process that exited is a zombie os.kill still finds: reap it
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child (the usual case: `down` stops what `up` started)
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -764,16 +849,21 @@ def _api(
         return error.code, None
 
 
+def _admin_token(env: dict[str, str], why: str) -> str:
+    """A JWT for the stack's API, as admin (exits when the login fails)."""
+    password = admin_password(env)
+    status, login = _api(env, "POST", "/auth/token", {"username": "admin", "password": password})
+    if status not in (200, 201) or not login:
+        sys.exit(f"dev: could not log in to the API as admin (HTTP {status}) {why}")
+    return login["access_token"]
+
+
 def allow_demo_feeds(profile: Profile, env: dict[str, str]) -> None:
     """Add the demo feed server to ``ics_allow_hosts`` in the Variable ``almanac_settings``
     (through the REST API, as admin), keeping whatever else it holds."""
     if not profile.demo_feeds_url:
         return
-    password = admin_password(env)
-    status, login = _api(env, "POST", "/auth/token", {"username": "admin", "password": password})
-    if status not in (200, 201) or not login:
-        sys.exit(f"dev: could not log in to the API as admin (HTTP {status}) to set almanac_settings")
-    token = login["access_token"]
+    token = _admin_token(env, "to set almanac_settings")
     status, current = _api(env, "GET", "/api/v2/variables/almanac_settings", token=token)
     raw = current.get("value") if status == 200 and current else None
     merged = settings_allowing(raw, profile.demo_feeds_url.removeprefix("http://"))
@@ -808,6 +898,111 @@ def stop_demo_feeds(profile: Profile) -> None:
     pidfile.unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------- notifications
+
+NOTIFY_FAKES = "notify-fakes"  # its pid file and log are named like the Airflow components'
+NOTIFY_FROM_EMAIL = "notifications@almanac.localhost"
+NOTIFY_FROM_NUMBER = "+15550009999"
+NOTIFY_FCM_PROJECT = "almanac-demo"
+#: The per-channel pools notification_dispatch's send tasks run in, and their slots (issue 8:
+#: 5 in development; 10 is the documented production figure, set in the UI or the API there).
+NOTIFY_POOLS = {
+    "notifications_email": "Almanac notifications: email sends at once (SMTP)",
+    "notifications_sms": "Almanac notifications: SMS sends at once (SMS provider)",
+    "notifications_push": "Almanac notifications: push sends at once (FCM)",
+}
+NOTIFY_POOL_SLOTS = 5
+
+
+def start_notify_fakes(profile: Profile, sec: dict[str, str], timeout: float = 20) -> int | None:
+    """Start (or reuse) the notification provider fakes of ``profile`` in the background; their pid."""
+    ports = profile.notify_fakes
+    if ports is None:
+        return None
+    pidfile = _pidfile(profile, NOTIFY_FAKES)
+    pid = _read_pid(pidfile)
+    if pid:
+        say(f"notification fakes already running (pid {pid})")
+        return pid
+    names = {"email": "FAKE_SMTP_PORT", "sms": "FAKE_SMS_PORT", "push": "FAKE_FCM_PORT"}
+    for channel, port in ports.items():
+        if _port_open(port):
+            sys.exit(
+                f"dev: port {port} is taken by another program; set {profile.env_prefix}{names[channel]}"
+            )
+    (profile.var / "run").mkdir(parents=True, exist_ok=True)
+    logs = profile.var / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{NOTIFY_FAKES}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "python"),
+                "-m",
+                "almanac.notify.fakes",
+                "serve",
+                "--dir",
+                str(profile.outbox_dir),
+                "--smtp-port",
+                str(ports["email"]),
+                "--sms-port",
+                str(ports["sms"]),
+                "--fcm-port",
+                str(ports["push"]),
+                "--fcm-project",
+                NOTIFY_FCM_PROJECT,
+            ],
+            # The SMS fake's auth token: in its environment, never on its command line.
+            env={**os.environ, "ALMANAC_FAKES_SMS_AUTH_TOKEN": sec["sms_auth_token"]},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not all(_port_open(port) for port in ports.values()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"dev: the notification fakes did not start; see {logs / f'{NOTIFY_FAKES}.log'}")
+        time.sleep(0.1)
+    say(
+        f"started the notification fakes: SMTP 127.0.0.1:{ports['email']}, "
+        f"SMS http://127.0.0.1:{ports['sms']}, FCM http://127.0.0.1:{ports['push']} "
+        f"(pid {proc.pid}, what they accept in {profile.outbox_dir})"
+    )
+    return proc.pid
+
+
+def stop_notify_fakes(profile: Profile) -> None:
+    pidfile = _pidfile(profile, NOTIFY_FAKES)
+    pid = _read_pid(pidfile)
+    if pid:
+        say("stopping the notification fakes")
+        _kill(pid)
+    pidfile.unlink(missing_ok=True)
+
+
+def ensure_notify_pools(env: dict[str, str]) -> list[str]:
+    """Create the notification pools that are missing (through the REST API, as admin); pools
+    already there are kept as they are (their slots may have been changed). The names created."""
+    token = _admin_token(env, "to create the notification pools")
+    created = []
+    for name, description in NOTIFY_POOLS.items():
+        status, _ = _api(env, "GET", f"/api/v2/pools/{quote(name, safe='')}", token=token)
+        if status == 200:
+            continue
+        body = {
+            "name": name, "slots": NOTIFY_POOL_SLOTS, "description": description, "include_deferred": False
+        }
+        status, _ = _api(env, "POST", "/api/v2/pools", body, token=token)
+        if status not in (200, 201):
+            sys.exit(f"dev: creating the pool {name} failed (HTTP {status})")
+        created.append(name)
+    if created:
+        say(f"created the pools {', '.join(created)} ({NOTIFY_POOL_SLOTS} slots each)")
+    return created
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -818,9 +1013,11 @@ def cmd_up(profile: Profile) -> int:
     say("loading demo data")
     load_demo(profile, env)
     start_demo_feeds(profile)
+    start_notify_fakes(profile, load_secrets(profile))
     start_airflow(profile, env)
     wait_for_api(env)
     allow_demo_feeds(profile, env)
+    ensure_notify_pools(env)
     password = admin_password(env) or "(see $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)"
     flag = "" if profile.name == "dev" else f" --profile {profile.name}"
     lines = [
@@ -831,6 +1028,14 @@ def cmd_up(profile: Profile) -> int:
         f'  Shell:       eval "$(./dev env{flag})"   # then: airflow dags list, almanac db status',
         f"  Stop:        ./dev down{flag}",
     ]
+    if profile.notify_fakes:
+        ports = profile.notify_fakes
+        lines += [
+            f"  Outbox:      {profile.outbox_dir}/  (what notifications \"sent\": email/*.eml, sms.jsonl, "
+            "push.jsonl;",
+            f"               fakes: SMTP 127.0.0.1:{ports['email']}, SMS http://127.0.0.1:{ports['sms']}, "
+            f"FCM http://127.0.0.1:{ports['push']})",
+        ]
     if profile.demo_feeds_url:
         lines += [
             f"  Demo feeds:  {profile.demo_feeds_url}/  (files: {profile.var / 'feeds'})",
@@ -859,6 +1064,7 @@ def cmd_services(profile: Profile) -> int:
 def cmd_down(profile: Profile) -> int:
     stop_airflow(profile)
     stop_demo_feeds(profile)
+    stop_notify_fakes(profile)
     stop_redis(profile)
     stop_postgres(profile)
     return 0
@@ -907,6 +1113,10 @@ def cmd_status(profile: Profile) -> int:
     if profile.demo_feeds_url:
         pid = _read_pid(_pidfile(profile, DEMO_FEEDS))
         print(f"demo feeds {'':11} {f'{profile.demo_feeds_url}/, pid {pid}' if pid else 'stopped'}")
+    if profile.notify_fakes:
+        pid = _read_pid(_pidfile(profile, NOTIFY_FAKES))
+        ports = "/".join(str(port) for port in profile.notify_fakes.values())
+        print(f"notify fakes {'':9} {f'ports {ports}, pid {pid}' if pid else 'stopped'}")
     print(f"ui {'':19} {env['AIRFLOW__API__BASE_URL']}")
     return 0
 

@@ -982,24 +982,38 @@ def stop_notify_fakes(profile: Profile) -> None:
     pidfile.unlink(missing_ok=True)
 
 
+def notify_pool_slots(env: dict[str, str]) -> int:
+    """Slots of a new notification pool: the setting ``notify_pool_slots`` (default 5; 10 in
+    production) from ``AIRFLOW_VAR_ALMANAC_SETTINGS`` when that is set."""
+    from almanac.settings import Settings
+
+    raw = env.get("AIRFLOW_VAR_ALMANAC_SETTINGS")
+    try:
+        return Settings.from_mapping(json.loads(raw) if raw else None).notify_pool_slots
+    except Exception as exc:  # a bad Variable is reported by the tasks that read it
+        say(f"notification pools: ignoring AIRFLOW_VAR_ALMANAC_SETTINGS ({exc}); {NOTIFY_POOL_SLOTS} slots")
+        return NOTIFY_POOL_SLOTS
+
+
 def ensure_notify_pools(env: dict[str, str]) -> list[str]:
     """Create the notification pools that are missing (through the REST API, as admin); pools
     already there are kept as they are (their slots may have been changed). The names created."""
     token = _admin_token(env, "to create the notification pools")
+    slots = notify_pool_slots(env)
     created = []
     for name, description in NOTIFY_POOLS.items():
         status, _ = _api(env, "GET", f"/api/v2/pools/{quote(name, safe='')}", token=token)
         if status == 200:
             continue
         body = {
-            "name": name, "slots": NOTIFY_POOL_SLOTS, "description": description, "include_deferred": False
+            "name": name, "slots": slots, "description": description, "include_deferred": False
         }
         status, _ = _api(env, "POST", "/api/v2/pools", body, token=token)
         if status not in (200, 201):
             sys.exit(f"dev: creating the pool {name} failed (HTTP {status})")
         created.append(name)
     if created:
-        say(f"created the pools {', '.join(created)} ({NOTIFY_POOL_SLOTS} slots each)")
+        say(f"created the pools {', '.join(created)} ({slots} slots each)")
     return created
 
 

@@ -122,8 +122,11 @@ class Settings:
     notify_run_budget_s: int = 45
     #: How often a waiting dispatcher looks at the outbox when no wake-up arrives, in ms.
     notify_idle_poll_ms: int = 500
+    #: Slots of each notification pool (``notifications_<channel>``) that ``./dev up`` creates;
+    #: one per dispatch task. 5 in development, 10 in production (set the pools in the UI).
+    notify_pool_slots: int = 5
     #: Dispatch tasks per channel per run at most (each takes one slot of its channel's pool).
-    notify_workers_per_channel: int = 4
+    notify_workers_per_channel: int = 5
     #: Provider limits, held in Redis across all workers (per second, per channel).
     notify_email_per_second: int = 100
     notify_sms_per_second: int = 10

@@ -160,12 +160,16 @@ def dispatch_channel(
                                 reason=f"rate limited: at most {_per_user(settings, channel)} {channel} "
                                 "per user per hour; due again when the window allows",
                             )
-                        elif limiter is not None and not limiter.provider_slot(
-                            channel, deadline=deadline, clock=clock, sleep=sleep
-                        ):
-                            counts["rateLimited"] += release(conn, [row.id], owner=owner, not_before_s=1)
                         else:
                             admitted.append(row)
+                    if limiter is not None and admitted:
+                        granted = limiter.provider_slots(
+                            channel, len(admitted), deadline=deadline, clock=clock, sleep=sleep
+                        )
+                        if granted < len(admitted):  # the run's time is up while waiting for the window
+                            late = [r.id for r in admitted[granted:]]
+                            counts["rateLimited"] += release(conn, late, owner=owner, not_before_s=1)
+                            admitted = admitted[:granted]
                     started = set(mark_started(conn, [r.id for r in admitted], owner=owner))
                     admitted = [r for r in admitted if r.id in started]
                     results = list(pool.map(send, [resolved[r.id] for r in admitted]))

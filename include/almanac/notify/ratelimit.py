@@ -72,3 +72,24 @@ class NotifyLimiter:
                 return False
             sleep(pause)
         return True
+
+    def provider_slots(
+        self,
+        channel: str,
+        n: int,
+        *,
+        deadline: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> int:
+        """How many of ``n`` sends of ``channel`` may go now under the provider limit: all of them
+        in one Redis call when the window has room, else one at a time, waiting for the window,
+        until ``deadline``."""
+        if n <= 0:
+            return 0
+        if self._provider.hit(self._per_second[channel], channel, cost=n):
+            return n
+        granted = 0
+        while granted < n and self.provider_slot(channel, deadline=deadline, clock=clock, sleep=sleep):
+            granted += 1
+        return granted

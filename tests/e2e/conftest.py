@@ -8,27 +8,23 @@ tests an ``apache-airflow-client`` ApiClient carrying that JWT.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from tests.support.dev_tool import load_dev_module
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 def _dev_module():
-    spec = importlib.util.spec_from_file_location("almanac_devtool", ROOT / "tools" / "dev.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_dev_module("almanac_devtool")
 
 
 def _exited(dev, pid: int) -> bool:

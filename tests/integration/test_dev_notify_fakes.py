@@ -9,12 +9,9 @@ created through the REST API only when missing, against a stand-in for Airflow's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import smtplib
-import socket
 import stat
-import sys
 import threading
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +23,7 @@ from google.auth.transport.requests import AuthorizedSession
 from google.oauth2 import service_account
 
 from almanac.notify.fakes import FCM_SCOPE
+from tests.support.dev_tool import free_port, load_dev_module
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "ALMANAC_NOTIFYTEST_"
@@ -33,17 +31,8 @@ PREFIX = "ALMANAC_NOTIFYTEST_"
 
 @pytest.fixture(scope="module")
 def dev():
-    spec = importlib.util.spec_from_file_location("almanac_devtool_notify", ROOT / "tools" / "dev.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_dev_module("almanac_devtool_notify")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -52,9 +41,9 @@ def profile(dev, tmp_path, monkeypatch):
     monkeypatch.setenv(PREFIX + "VAR_DIR", str(tmp_path / "var"))
     for key in ("APP_DB_URL", "AIRFLOW_DB_URL", "REDIS_URL"):
         monkeypatch.delenv(PREFIX + key, raising=False)
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (free_port(), free_port(), free_port())
     return dev.Profile(
-        "throwaway", _free_port(), _free_port(), _free_port(), PREFIX, notify_fakes_ports=ports
+        "throwaway", free_port(), free_port(), free_port(), PREFIX, notify_fakes_ports=ports
     )
 
 
@@ -72,7 +61,7 @@ def test_the_test_profile_starts_no_fakes_and_routes_no_connections(dev, tmp_pat
     assert dev.PROFILES["test"].notify_fakes is None
     assert dev.PROFILES["dev"].notify_fakes == {"email": 58025, "sms": 58026, "push": 58027}
     monkeypatch.setenv(PREFIX + "VAR_DIR", str(tmp_path / "var"))
-    bare = dev.Profile("bare", _free_port(), _free_port(), _free_port(), PREFIX)
+    bare = dev.Profile("bare", free_port(), free_port(), free_port(), PREFIX)
     env = dev.stack_env(bare, provision=False)
     assert not [key for key in env if key.startswith("AIRFLOW_CONN_") and key != "AIRFLOW_CONN_APP_DB"
                 and key != "AIRFLOW_CONN_REDIS_DEFAULT"]

@@ -9,10 +9,8 @@ started here are private to the test (own folder, free ports) and stopped at its
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
 import stat
 import sys
 import time
@@ -23,6 +21,7 @@ import pytest
 
 from almanac.demo import generate
 from almanac.demo_feeds import bucket_at, render, write_missing_feeds
+from tests.support.dev_tool import free_port, load_dev_module
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "ALMANAC_STACKTEST_"
@@ -30,17 +29,8 @@ PREFIX = "ALMANAC_STACKTEST_"
 
 @pytest.fixture(scope="module")
 def dev():
-    spec = importlib.util.spec_from_file_location("almanac_devtool_stack", ROOT / "tools" / "dev.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_dev_module("almanac_devtool_stack")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,7 +41,7 @@ def profile(dev, tmp_path, monkeypatch):
     for key in ("APP_DB_URL", "AIRFLOW_DB_URL", "REDIS_URL"):
         monkeypatch.delenv(PREFIX + key, raising=False)
     return dev.Profile(
-        "throwaway", _free_port(), _free_port(), _free_port(), PREFIX, demo_feeds_port=_free_port()
+        "throwaway", free_port(), free_port(), free_port(), PREFIX, demo_feeds_port=free_port()
     )
 
 

@@ -19,9 +19,9 @@ from airflow.sdk.log import redact
 
 from almanac.errors import PermanentError
 from almanac.ics.fetch import FeedNotICalendarError, fetch_feed
+from almanac.notify.fakes import FakeSmtpServer
 from almanac_airflow.notifiers import AlmanacFailureNotifier, post_slack_webhook
 from tests.support.feed_server import FeedServer, Route
-from tests.support.smtp_server import SmtpServer
 
 
 def _context(error: Exception) -> dict:
@@ -44,7 +44,7 @@ def test_failure_is_logged_as_one_structured_line(caplog, monkeypatch):
 
 
 def test_failure_is_emailed_through_smtp_default(monkeypatch):
-    with SmtpServer() as smtp:
+    with FakeSmtpServer() as smtp:
         monkeypatch.setenv(
             "AIRFLOW_CONN_SMTP_DEFAULT",
             json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
@@ -52,8 +52,8 @@ def test_failure_is_emailed_through_smtp_default(monkeypatch):
         )
         monkeypatch.setenv("AIRFLOW_VAR_ALMANAC_ALERT_EMAILS", "ops@x.test, oncall@x.test")
         AlmanacFailureNotifier().notify(_context(ValueError("bad feed")))
-    assert len(smtp.messages) == 1
-    _, rcpts, raw = smtp.messages[0]
+    [received] = smtp.received
+    rcpts, raw = received.rcpt_tos, received.raw
     assert sorted(rcpts) == ["oncall@x.test", "ops@x.test"]
     message = email.message_from_bytes(raw)
     assert "invitation_cleanup.delete failed" in message["Subject"]
@@ -61,14 +61,14 @@ def test_failure_is_emailed_through_smtp_default(monkeypatch):
 
 @pytest.mark.parametrize("recipients", ["", None])
 def test_no_recipients_means_no_email(monkeypatch, recipients):
-    with SmtpServer() as smtp:
+    with FakeSmtpServer() as smtp:
         monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", f"smtp://127.0.0.1:{smtp.port}")
         if recipients is None:
             monkeypatch.delenv("AIRFLOW_VAR_ALMANAC_ALERT_EMAILS", raising=False)
         else:
             monkeypatch.setenv("AIRFLOW_VAR_ALMANAC_ALERT_EMAILS", recipients)
         AlmanacFailureNotifier().notify(_context(ValueError("x")))
-    assert smtp.messages == []
+    assert smtp.received == []
 
 
 # --- Slack: the webhook URL is a secret ---------------------------------------------------------
@@ -192,7 +192,7 @@ def test_failure_email_escapes_what_a_feed_sent(monkeypatch):
         with pytest.raises(FeedNotICalendarError) as refused:
             fetch_feed(feeds.url("/cal.ics"), allow_hosts=feeds.allow_hosts)
     assert "<script>" in str(refused.value), "the feed's Content-Type is quoted in the error"
-    with SmtpServer() as smtp:
+    with FakeSmtpServer() as smtp:
         monkeypatch.setenv(
             "AIRFLOW_CONN_SMTP_DEFAULT",
             json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
@@ -200,8 +200,8 @@ def test_failure_email_escapes_what_a_feed_sent(monkeypatch):
         )
         monkeypatch.setenv("AIRFLOW_VAR_ALMANAC_ALERT_EMAILS", "ops@x.test")
         AlmanacFailureNotifier().notify(_context(refused.value))
-    assert len(smtp.messages) == 1
-    message = email.message_from_bytes(smtp.messages[0][2])
+    [received] = smtp.received
+    message = email.message_from_bytes(received.raw)
     html_parts = [p for p in message.walk() if p.get_content_type() == "text/html"]
     assert len(html_parts) == 1
     body = html_parts[0].get_payload(decode=True).decode()

@@ -47,8 +47,8 @@ def by_uid(result) -> dict[str, list]:
 
 @pytest.fixture
 def reached(monkeypatch) -> list[str]:
-    """The UIDs handed to the expansion library (series that recur); a degenerate series that
-    reaches it fails fast."""
+    """The UIDs handed to the expansion (series that recur: the library, or the direct path over
+    dateutil); a degenerate series that reaches it fails fast."""
     seen: list[str] = []
 
     class RecordingSeries(recurring_ical_events.Series):
@@ -59,7 +59,16 @@ def reached(monkeypatch) -> list[str]:
                 raise AssertionError(f"{uid} reached the expansion library")
             super().__init__(components)
 
+    direct = parse_module._simple_series
+
+    def recording_simple_series(uid, *args, **kwargs):  # the direct path expands with dateutil
+        seen.append(uid)
+        if uid.startswith("bad"):
+            raise AssertionError(f"{uid} reached the expansion")
+        return direct(uid, *args, **kwargs)
+
     monkeypatch.setattr(parse_module, "Series", RecordingSeries)
+    monkeypatch.setattr(parse_module, "_simple_series", recording_simple_series)
     return seen
 
 

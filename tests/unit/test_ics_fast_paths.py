@@ -1,0 +1,152 @@
+"""almanac.ics.parse: the direct paths (one-off timed events, simple recurring series) give exactly
+what the expansion library gives — over the real corpus and over generated series across DST
+changes, EXDATE forms, UNTIL/COUNT and zones east and west of UTC."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+import almanac.ics.parse as parse_module
+from almanac.ics.parse import parse_feed
+
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
+CORPUS_FILES = sorted(
+    CORPUS / name
+    for name in re.findall(r"^\| \d+ \| `([^`]+\.ics)`", (CORPUS / "MANIFEST.md").read_text(), re.M)
+)
+WINDOWS = [
+    (datetime(1990, 1, 1, tzinfo=UTC), datetime(2031, 1, 1, tzinfo=UTC)),
+    (datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 11, 15, tzinfo=UTC)),  # cuts through series
+]
+
+
+def both_ways(body: bytes, monkeypatch, **kw):
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(parse_module, "_FAST_PATHS", fast)
+        try:
+            results.append(parse_feed(body, **kw))
+        except Exception as exc:  # both ways must fail alike too
+            results.append(type(exc))
+    return results
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    ("window", "tz"),
+    list(zip(WINDOWS, ["UTC", "America/New_York"], strict=True)),
+    ids=["wide-utc", "narrow-new-york"],
+)
+def test_the_direct_paths_agree_with_the_library_on_the_corpus(path, window, tz, monkeypatch):
+    fast, library = both_ways(
+        path.read_bytes(), monkeypatch, window_start=window[0], window_end=window[1], calendar_tz=tz
+    )
+    if isinstance(fast, type):
+        assert fast is library
+        return
+    assert fast.instances == library.instances
+    assert fast.problems == library.problems
+
+
+ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "UTC"]
+STARTS = ["20240310T023000", "20241103T013000", "20240331T020000", "20241027T023000", "20240115T090000"]
+RULES = [
+    "FREQ=WEEKLY;BYDAY=SU",
+    "FREQ=DAILY;INTERVAL=3;COUNT=40",
+    "FREQ=MONTHLY;BYDAY=1SU",
+    "FREQ=YEARLY;BYMONTH=3,10;BYDAY=-1SU",
+    "FREQ=WEEKLY;BYDAY=MO,TH;UNTIL=20240901T000000Z",
+    "FREQ=DAILY;UNTIL=20240420",
+    "FREQ=HOURLY;INTERVAL=7;COUNT=60",
+    "FREQ=MONTHLY;BYMONTHDAY=31",
+    "FREQ=WEEKLY;COUNT=-3",
+]
+ENDS = ["DTEND;TZID={tz}:{day}T{later}", "DURATION:PT90M", "DURATION:P1D", "DTEND:{day}T235959Z", ""]
+
+
+def generated_feed(zone: str, start: str, rule: str, end: str, exdates: list[str]) -> bytes:
+    day, clock = start.split("T")
+    later = f"{(int(clock[:2]) + 2) % 24:02d}{clock[2:]}"
+    lines = [
+        "BEGIN:VCALENDAR",
+        "VERSION:2.0",
+        "PRODID:-//almanac tests//EN",
+        "BEGIN:VEVENT",
+        "UID:series",
+        f"DTSTART;TZID={zone}:{start}",
+        f"RRULE:{rule}",
+        "SUMMARY:S",
+    ]
+    if end:
+        lines.append(end.format(tz=zone, day=day, later=later))
+    lines += exdates + ["END:VEVENT", "END:VCALENDAR"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def exdate_forms(zone: str, start: str) -> list[list[str]]:
+    day = start.split("T")[0]
+    next_week = f"{day[:6]}{min(28, int(day[6:]) + 7):02d}"
+    return [
+        [],
+        [f"EXDATE;TZID={zone}:{start}"],  # the first instance, by its wall time
+        [f"EXDATE;TZID={zone}:{next_week}T{start.split('T')[1]}"],
+        [f"EXDATE;VALUE=DATE:{next_week}"],  # a whole day
+        ["EXDATE:20240707T000000Z,20240714T000000Z"],  # in UTC, likely matching nothing
+    ]
+
+
+def _cases() -> list[tuple]:
+    """Every zone x start x rule, each with two (end, EXDATE) forms in rotation: ~450 series."""
+    cases = []
+    for n, (zone, start, rule) in enumerate(itertools.product(ZONES, STARTS, RULES)):
+        forms = exdate_forms(zone, start)
+        for turn in (0, 2):
+            cases.append((zone, start, rule, ENDS[(n + turn) % len(ENDS)], forms[(n + turn) % len(forms)]))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_most_generated_series_take_the_direct_path(monkeypatch):
+    """Else the comparison below would compare the library with itself."""
+    direct = parse_module._simple_series
+    taken = []
+
+    def counting(*args, **kwargs):
+        result = direct(*args, **kwargs)
+        taken.append(result is not parse_module._NOT_SIMPLE)
+        return result
+
+    monkeypatch.setattr(parse_module, "_simple_series", counting)
+    for case in CASES:
+        parse_feed(
+            generated_feed(*case),
+            window_start=datetime(2024, 2, 1, tzinfo=UTC),
+            window_end=datetime(2025, 2, 1, tzinfo=UTC),
+        )
+    assert len(taken) == len(CASES) and sum(taken) > 0.8 * len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "|".join([c[0], c[1], c[2], c[3][:8], str(len(c[4]))]))
+def test_the_simple_series_path_agrees_with_the_library(case, monkeypatch):
+    zone, start, rule, end, ex = case
+    fast, library = both_ways(
+        generated_feed(zone, start, rule, end, ex),
+        monkeypatch,
+        window_start=datetime(2024, 2, 1, tzinfo=UTC),
+        window_end=datetime(2025, 2, 1, tzinfo=UTC),
+        calendar_tz="Europe/Berlin",
+    )
+    if isinstance(fast, type):
+        assert fast is library
+        return
+    assert [(i.recurrence_id, i.start, i.end) for i in fast.instances] == [
+        (i.recurrence_id, i.start, i.end) for i in library.instances
+    ]
+    assert fast.instances == library.instances and fast.problems == library.problems

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from almanac.notify.outbox import (
@@ -117,6 +117,47 @@ def dispatch_channel(
             disabled = disable_devices(conn, dead, _GONE)
             log.info("%s: disabled %d push device(s) the provider no longer knows", channel, disabled)
 
+    def admit(wave: list[Claimed]) -> list[Claimed]:
+        """The rows of ``wave`` the rate limits let go now; the others go back to the outbox."""
+        if limiter is None:
+            return wave
+        admitted = []
+        for row in wave:
+            wait = limiter.user_wait(channel, row.user_id)
+            if wait > 0:
+                counts["rateLimited"] += release(
+                    conn,
+                    [row.id],
+                    owner=owner,
+                    not_before_s=wait,
+                    reason=f"rate limited: at most {_per_user(settings, channel)} {channel} "
+                    "per user per hour; due again when the window allows",
+                )
+            else:
+                admitted.append(row)
+        if admitted:
+            granted = limiter.provider_slots(
+                channel, len(admitted), deadline=deadline, clock=clock, sleep=sleep
+            )
+            if granted < len(admitted):  # the run's time is up while waiting for the window
+                late = [r.id for r in admitted[granted:]]
+                counts["rateLimited"] += release(conn, late, owner=owner, not_before_s=1)
+                admitted = admitted[:granted]
+        return admitted
+
+    # Waves of ``parallel`` sends, pipelined: while one wave is with the providers, the next is
+    # admitted and the previous one's outcomes are written. A wave is handed over (committed)
+    # only once the wave before it has answered, so at most one wave is in flight at a time.
+    in_flight: tuple[list[Claimed], list[Future]] | None = None
+
+    def collect() -> list[tuple[Claimed, SendResult]]:
+        nonlocal in_flight
+        if in_flight is None:
+            return []
+        rows, futures = in_flight
+        in_flight = None
+        return list(zip(rows, [f.result() for f in futures], strict=True))
+
     release_expired(conn, channel=channel)
     last_seen = "$"
     with ThreadPoolExecutor(parallel, thread_name_prefix=f"notify-{channel}") as pool:
@@ -130,6 +171,7 @@ def dispatch_channel(
                     lease_s=settings.notify_lease_s,
                 )
                 if not rows:
+                    settle(collect())
                     if not linger:
                         break
                     last_seen = _wait_for_work(
@@ -148,32 +190,14 @@ def dispatch_channel(
                         release(conn, [r.id for r in wave + todo], owner=owner, not_before_s=0)
                         todo = []
                         break
-                    admitted = []
-                    for row in wave:
-                        wait = limiter.user_wait(channel, row.user_id) if limiter is not None else 0.0
-                        if wait > 0:
-                            counts["rateLimited"] += release(
-                                conn,
-                                [row.id],
-                                owner=owner,
-                                not_before_s=wait,
-                                reason=f"rate limited: at most {_per_user(settings, channel)} {channel} "
-                                "per user per hour; due again when the window allows",
-                            )
-                        else:
-                            admitted.append(row)
-                    if limiter is not None and admitted:
-                        granted = limiter.provider_slots(
-                            channel, len(admitted), deadline=deadline, clock=clock, sleep=sleep
-                        )
-                        if granted < len(admitted):  # the run's time is up while waiting for the window
-                            late = [r.id for r in admitted[granted:]]
-                            counts["rateLimited"] += release(conn, late, owner=owner, not_before_s=1)
-                            admitted = admitted[:granted]
+                    admitted = admit(wave)
+                    answered = collect()  # the wave in flight has answered ...
                     started = set(mark_started(conn, [r.id for r in admitted], owner=owner))
                     admitted = [r for r in admitted if r.id in started]
-                    results = list(pool.map(send, [resolved[r.id] for r in admitted]))
-                    settle(list(zip(admitted, results, strict=True)))
+                    if admitted:  # ... so the next one is handed over, and the answers written
+                        in_flight = (admitted, [pool.submit(send, resolved[r.id]) for r in admitted])
+                    settle(answered)
+            settle(collect())
         finally:
             for sender in senders:
                 try:

@@ -125,7 +125,7 @@ def _row(n: NewNotification) -> tuple:
         n.recipient,
         n.subject,
         n.body,
-        json.dumps(n.data),
+        json.dumps(n.data) if n.data else "{}",
         n.not_before,
     )
 
@@ -174,11 +174,11 @@ def enqueue_many(conn, notifications: Iterable[NewNotification]) -> int:
             cur.execute(
                 f"""
                 INSERT INTO notifications ({_COLUMNS})
-                SELECT DISTINCT ON (idempotency_key) tenant_id, user_id, channel, kind, idempotency_key,
+                SELECT tenant_id, user_id, channel, kind, idempotency_key,
                        recipient, subject, body, data, coalesce(next_attempt_at, now())
                   FROM notifications_incoming
-                 ORDER BY idempotency_key, seq
-                ON CONFLICT (idempotency_key) DO NOTHING
+                 ORDER BY seq
+                ON CONFLICT (idempotency_key) DO NOTHING  -- a key repeated in the input: the first wins
                 """
             )
             return cur.rowcount

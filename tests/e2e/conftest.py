@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,9 @@ def _exited(dev, pid: int) -> bool:
 
 
 def _stop(dev, profile, component: str, timeout: float = 60) -> None:
-    """SIGTERM one component's process group and wait until it has exited (and is reaped)."""
+    """SIGTERM one component's process group and wait until it has exited (and is reaped); one
+    still running after ``timeout`` gets SIGKILL, as a service manager's stop timeout would do,
+    with a warning in the test report."""
     pidfile = dev._pidfile(profile, component)
     try:
         pid = int(pidfile.read_text())
@@ -54,7 +57,15 @@ def _stop(dev, profile, component: str, timeout: float = 60) -> None:
     except ProcessLookupError:
         _exited(dev, pid)
         return
-    wait_for(lambda: _exited(dev, pid), timeout=timeout, interval=0.5, what=f"{component} to stop")
+    deadline = time.monotonic() + timeout
+    while not _exited(dev, pid):
+        if time.monotonic() > deadline:
+            warnings.warn(f"{component} was still running {timeout:.0f}s after SIGTERM; killed", stacklevel=2)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            wait_for(lambda: _exited(dev, pid), timeout=30, interval=0.5, what=f"{component} to die")
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,12 @@ from almanac.notify.types import Message
 FROM = "Almanac <noreply@almanac.test>"
 
 
+def ours(caplog) -> str:
+    """What Almanac's own loggers wrote (the fakes' servers, aiosmtpd's ``mail.log`` above all,
+    log what they receive)."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("almanac.notify.channels"))
+
+
 def email_msg(to: str = "alice@example.com", key: str = "digest:7:2026-01-05", n: int = 1, **kw) -> Message:
     fields = {"subject": "Your week", "body": "Hello Alice.\n.a line that starts with a dot\nCafé ☕"}
     fields.update(kw)
@@ -119,7 +125,7 @@ def test_email_is_sent_with_headers_and_a_message_id_derived_from_the_key(smtp, 
     assert parsed["Date"].datetime.tzinfo is not None
     body = parsed.get_content().replace("\r\n", "\n")
     assert body == "Hello Alice.\n.a line that starts with a dot\nCafé ☕\n"
-    assert "alice@example.com" not in caplog.text
+    assert "alice@example.com" not in ours(caplog)
 
 
 def test_a_resend_carries_the_same_message_id(smtp):
@@ -304,7 +310,7 @@ def test_sms_is_sent_and_the_provider_id_is_twilios_sid(twilio, caplog):
     assert first.provider_id.startswith("SM") and len(first.provider_id) == 34
     assert (got[0]["to"], got[0]["from"]) == ("+15557654321", "+15550009999")
     assert got[0]["body"] == "Your code is 1234"
-    assert "+15557654321" not in caplog.text
+    assert "+15557654321" not in ours(caplog)
 
 
 def test_a_messaging_service_replaces_the_from_number(twilio):

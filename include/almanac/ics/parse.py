@@ -846,22 +846,15 @@ def _single_instance(
     start = component["DTSTART"].dt
     if not isinstance(start, datetime) or start.tzinfo is None:
         return _NOT_SIMPLE
-    dtend, duration = component.get("DTEND"), component.get("DURATION")
-    if dtend is not None:
-        end = dtend.dt
-        if not isinstance(end, datetime) or end.tzinfo is None:
-            return _NOT_SIMPLE
-        if end.astimezone(UTC) < start.astimezone(UTC):  # swapped in the feed: as the library does
-            start, end = end, start
-    elif duration is not None:
-        if not isinstance(duration.dt, timedelta) or duration.dt < timedelta(0):
-            return _NOT_SIMPLE
-        length = _parse_duration(duration.params.get(_RAW_PARAM))
-        if length is None or timedelta(days=length.days) + length.exact != duration.dt:
-            length = _from_timedelta(duration.dt)
-        end = length.end(start)
+    dtend = component["DTEND"].dt if "DTEND" in component else None
+    aware_end = isinstance(dtend, datetime) and dtend.tzinfo is not None
+    if aware_end and dtend.astimezone(UTC) < start.astimezone(UTC):
+        start, end = dtend, start  # swapped in the feed: read the other way round, as the library does
     else:
-        end = start  # RFC 5545 3.6.1: a DATE-TIME start alone lasts no time
+        length = _own_length(component, start)  # no DTEND or DURATION: no time (RFC 5545 3.6.1)
+        if length is _NOT_SIMPLE:
+            return _NOT_SIMPLE
+        end = length.end(start)
     if not window_start <= start.astimezone(UTC) < window_end:
         return None
     shared = fields(component)

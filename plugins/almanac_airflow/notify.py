@@ -20,6 +20,8 @@ import logging
 import math
 from typing import Any
 
+from almanac.notify.types import CHANNELS
+
 __all__ = [
     "CONNECTIONS",
     "POOLS",
@@ -33,7 +35,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("email", "sms", "push")
 #: Airflow pools, one per channel (slots: ``./dev up`` and the compose init create them with 5;
 #: production: 10). Each dispatch task takes one slot of its channel's pool.
 POOLS = {channel: f"notifications_{channel}" for channel in CHANNELS}

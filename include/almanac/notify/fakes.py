@@ -263,12 +263,60 @@ def _authenticate(server, session, envelope, mechanism, auth_data):
     return AuthResult(success=True, auth_data=auth_data)
 
 
-class FakeSmtpServer:
+class _Fake:
+    """What every fake shares: where it listens, what it accepted, the answers injected for it."""
+
+    name = "fake"
+
+    def __init__(self, host: str, port: int, store_dir, slow_seconds: float) -> None:
+        self.host = host
+        self._port = port
+        self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.slow_seconds = slow_seconds
+        self._log = _Log()
+        self._injected = _Injected()
+
+    def start(self):  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError(f"the {self.name} is not started")
+        return self._port
+
+    # what arrived --------------------------------------------------------
+    @property
+    def received(self) -> list:
+        return self._log.snapshot()
+
+    def wait_received(self, n: int = 1, timeout: float = 10.0) -> list:
+        """Block until at least ``n`` messages arrived; all of them. Raises TimeoutError."""
+        return self._log.wait(n, timeout)
+
+    def reset(self) -> None:
+        """Forget what was received and any injected answers (files in ``store_dir`` stay)."""
+        self._log.clear()
+        self._injected.clear()
+
+
+class FakeSmtpServer(_Fake):
     """A real SMTP server (aiosmtpd) on ``host``:``port`` (0: OS-chosen) that accepts mail for
     anyone, AUTH PLAIN/LOGIN with any credentials or none, no TLS.
 
     ``store_dir``: each accepted message is also written there as ``<time>-<queue id>.eml``
     (``Return-Path`` and ``Delivered-To`` lines added in front, as a mailbox would)."""
+
+    name = "fake SMTP server"
 
     def __init__(
         self,
@@ -278,12 +326,7 @@ class FakeSmtpServer:
         *,
         slow_seconds: float = 5.0,
     ) -> None:
-        self.host = host
-        self._port = port
-        self.store_dir = Path(store_dir) if store_dir is not None else None
-        self.slow_seconds = slow_seconds
-        self._log = _Log()
-        self._injected = _Injected()
+        super().__init__(host, port, store_dir, slow_seconds)
         self._controller = None
 
     # lifecycle ------------------------------------------------------------
@@ -324,27 +367,7 @@ class FakeSmtpServer:
         if controller is not None:
             controller.stop()
 
-    def __enter__(self) -> FakeSmtpServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError("the fake SMTP server is not started")
-        return self._port
-
-    # what arrived --------------------------------------------------------
-    @property
-    def received(self) -> list[ReceivedEmail]:
-        return self._log.snapshot()
-
-    def wait_received(self, n: int = 1, timeout: float = 10.0) -> list[ReceivedEmail]:
-        """Block until at least ``n`` messages arrived; all of them. Raises TimeoutError."""
-        return self._log.wait(n, timeout)
-
+    # what arrived: ``received`` is a list of ``ReceivedEmail`` --------------
     def fail_next(
         self, n: int = 1, code: int | str = 451, message: str | None = None, *, at: str = "rcpt"
     ) -> None:
@@ -359,11 +382,6 @@ class FakeSmtpServer:
             raise ValueError("at must be 'rcpt' or 'data'")
         text = message or (_SMTP_TEXTS.get(code, "4.0.0 temporary failure") if code != _DROP else "")
         self._injected.push(n, _SmtpFailure(code, text, at))
-
-    def reset(self) -> None:
-        """Forget what was received and any injected answers (files in ``store_dir`` stay)."""
-        self._log.clear()
-        self._injected.clear()
 
     def _record(self, email: ReceivedEmail) -> None:
         self._log.add(email)
@@ -460,20 +478,14 @@ class _HttpServer(ThreadingHTTPServer):
     conn_lock: threading.Lock
 
 
-class _HttpFake:
+class _HttpFake(_Fake):
     """What the HTTP fakes share: the threaded server, the received log, injected answers and
     the ``/_received``, ``/_reset``, ``/_fail_next`` control endpoints."""
 
-    name = "fake"
     jsonl_name = "received.jsonl"
 
     def __init__(self, host: str, port: int, store_dir, slow_seconds: float) -> None:
-        self.host = host
-        self._port = port
-        self.store_dir = Path(store_dir) if store_dir is not None else None
-        self.slow_seconds = slow_seconds
-        self._log = _Log()
-        self._injected = _Injected()
+        super().__init__(host, port, store_dir, slow_seconds)
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -514,31 +526,10 @@ class _HttpFake:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError(f"the {self.name} is not started")
-        return self._port
-
     @property
     def url(self) -> str:
         """Base URL, no trailing slash: ``http://127.0.0.1:<port>``."""
         return f"http://{self.host}:{self.port}"
-
-    # what arrived --------------------------------------------------------
-    @property
-    def received(self) -> list[dict]:
-        return self._log.snapshot()
-
-    def wait_received(self, n: int = 1, timeout: float = 10.0) -> list[dict]:
-        """Block until at least ``n`` messages arrived; all of them. Raises TimeoutError."""
-        return self._log.wait(n, timeout)
 
     def fail_next(
         self, n: int = 1, status: int | str = 503, retry_after: float | None = None, code: Any = None
@@ -550,11 +541,6 @@ class _HttpFake:
         if status != _DROP and not (isinstance(status, int) and 400 <= status <= 599):
             raise ValueError("status must be a 4xx/5xx HTTP status or 'drop'")
         self._injected.push(n, (status, retry_after, code))
-
-    def reset(self) -> None:
-        """Forget what was received and any injected answers (files in ``store_dir`` stay)."""
-        self._log.clear()
-        self._injected.clear()
 
     # internals -----------------------------------------------------------
     def _record(self, item: dict) -> None:

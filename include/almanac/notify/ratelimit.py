@@ -15,6 +15,7 @@ from limits import RateLimitItemPerHour, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
+from almanac.notify.types import CHANNELS
 from almanac.settings import Settings
 
 __all__ = ["KEY_PREFIX", "NotifyLimiter"]
@@ -35,11 +36,11 @@ class NotifyLimiter:
         self._user = SlidingWindowCounterRateLimiter(storage)
         self._per_second = {
             channel: RateLimitItemPerSecond(getattr(settings, f"notify_{channel}_per_second"))
-            for channel in ("email", "sms", "push")
+            for channel in CHANNELS
         }
         self._per_user = {
             channel: RateLimitItemPerHour(getattr(settings, f"notify_{channel}_per_user_per_hour"))
-            for channel in ("email", "sms", "push")
+            for channel in CHANNELS
         }
 
     def user_wait(self, channel: str, user_id: int | None) -> float:

@@ -531,6 +531,11 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
         # Airflow's log servers, per profile so a dev stack and a test stack can run side by side.
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(api_port + 1),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(api_port + 2),
+        # The scheduler's health server: tools/supervise.py restarts a scheduler that is alive
+        # but no longer heartbeating (see scheduler_health_url).
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(api_port + 3),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     if profile.demo_feeds_url:
@@ -684,6 +689,24 @@ def _kill(pid: int, *, group: bool = True, timeout: float = 20) -> None:
             pass
 
 
+def supervise_options(component: str, env: dict[str, str]) -> list[str]:
+    """tools/supervise.py's liveness probe for ``component``: the scheduler's health server
+    (200 while its heartbeat is fresh). After a database restart the scheduler can hang in the
+    executor's shutdown instead of exiting; the probe turns that hang into a restart. The other
+    components have no health endpoint of their own; they are restarted when they exit."""
+    if component != "scheduler" or env.get("AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK") != "True":
+        return []
+    port = env["AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT"]
+    # The health server answers 503 once the heartbeat is older than the threshold (Airflow's
+    # default 30 s); failing for twice that long more is a hang, not a slow loop.
+    threshold = float(env.get("AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD", "30"))
+    return [
+        "--health", f"http://127.0.0.1:{port}/health",
+        "--unhealthy-after", f"{2 * threshold:g}",
+        "--every", f"{max(1.0, threshold / 3):g}",
+    ]
+
+
 def start_airflow(profile: Profile, env: dict[str, str], components=AIRFLOW_COMPONENTS) -> None:
     (profile.var / "run").mkdir(parents=True, exist_ok=True)
     logs = profile.var / "logs"
@@ -700,6 +723,7 @@ def start_airflow(profile: Profile, env: dict[str, str], components=AIRFLOW_COMP
                 [
                     str(VENV_BIN / "python"),
                     str(ROOT / "tools" / "supervise.py"),
+                    *supervise_options(component, env),
                     str(VENV_BIN / "airflow"),
                     component,
                 ],

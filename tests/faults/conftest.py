@@ -169,8 +169,9 @@ def dead_components(dev_module, profile):
 
 @pytest.fixture
 def supervised(dev_module, profile, airflow_stack, dead_components):
-    """Restart any Airflow component that exits, as ``restart: always`` does in
-    docker-compose.yaml (the dev stack has no supervisor). Yields the list of restarts made,
+    """Restart any Airflow component whose supervisor (``tools/supervise.py``) has exited, as
+    ``restart: always`` does in docker-compose.yaml: the supervisor restarts the component
+    itself, so this only acts if the supervisor died. Yields the list of restarts made,
     ``[(seconds since start, component), ...]``; supervision stops at teardown."""
     import threading
     import time

@@ -94,8 +94,8 @@ def test_postgres_restarted_mid_run_ends_truthfully_and_a_later_run_converges(
 
     run = airflow.wait_finished("ics_sync", run_id, timeout=400)
     tries = airflow.tries("ics_sync", run_id, "sync_batch", 0)
-    # Airflow's scheduler, dag-processor and triggerer exit when their metadata DB goes away;
-    # ``supervised`` restarted them as docker-compose's ``restart: always`` would.
+    # Airflow's scheduler, dag-processor and triggerer exit when their metadata DB goes away (or
+    # the scheduler hangs, and its liveness probe stops it); tools/supervise.py restarts them.
     print("postgres restart:", run.state, [(t.try_number, t.state) for t in tries], "restarted:", supervised)
     _truthful(airflow, run_id, run.state)
     counts = _consistent(app_db_url)

@@ -137,21 +137,31 @@ def _worker(args) -> dict:
     db_url, key, token_uri, api_endpoint, member_ids, window, batch_size = args
     from almanac.batches import summarize_batch
     from almanac.db.connect import connect
+    from almanac.db.redis_conn import connect_redis
     from almanac.google.calendar_push import PUSH_KIND, push_batch
     from almanac.google.client import OAuthClient
     from almanac.google.crypto import TokenCipher
+    from almanac.integrations.google import google_credentials
+    from almanac.integrations.providers import ProviderConfig
+    from almanac.integrations.refresh import Refresher
+    from almanac.leases import LeaseKeeper
 
     oauth = OAuthClient("almanac-bench", "bench-secret", token_uri, api_endpoint)
-    with connect(db_url) as conn:
+    google = ProviderConfig("google", oauth.client_id, oauth.client_secret, token_uri)
+    redis = connect_redis(os.environ["ALMANAC_REDIS_URL"])
+    # As the DAG: tokens from the integrations store, refreshed through its one path.
+    with connect(db_url) as conn, connect(db_url) as token_conn, LeaseKeeper(redis, "bench-push") as leases:
+        tokens = Refresher(TokenCipher(key), lambda name: google, leases)
         results = push_batch(
             conn,
             member_ids,
             calendar_ids=None,
-            cipher=TokenCipher(key),
+            credentials=lambda integration_id: google_credentials(tokens, token_conn, integration_id),
             oauth=oauth,
             window=window,
             batch_size=batch_size,
         )
+    redis.close()
     return summarize_batch(PUSH_KIND, results)
 
 

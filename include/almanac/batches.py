@@ -24,7 +24,10 @@ Summary shape (``Kind`` names the nouns)::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,10 @@ __all__ = [
     "Kind",
     "as_entity_id",
     "combine_summaries",
+    "infrastructure_errors",
+    "map_items",
     "plan_batches",
+    "rollback_quietly",
     "summarize_batch",
 ]
 
@@ -212,3 +218,61 @@ def plan_batches(
             {"label": f"{noun} {chunk[0]}-{chunk[-1]} ({len(chunk)})", "ids": chunk, **(extra or {})}
         )
     return batches
+
+
+_INFRA_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def infrastructure_errors() -> tuple[type[BaseException], ...]:
+    """Faults of our own database and Redis (``psycopg.Error``, ``redis.RedisError``): at the item
+    boundary they are re-raised, failing the batch (retried), never counted against one item."""
+    global _INFRA_ERRORS
+    if not _INFRA_ERRORS:
+        import psycopg
+        import redis
+
+        _INFRA_ERRORS = (psycopg.Error, redis.RedisError)
+    return _INFRA_ERRORS
+
+
+def map_items(
+    connect: Callable[[], AbstractContextManager],
+    ids: Sequence[int],
+    work: Callable[[Any, int], ItemResult],
+    *,
+    parallel: int,
+    name: str = "item",
+) -> list[ItemResult]:
+    """``work(conn, id)`` for each of ``ids``, up to ``parallel`` at once (threads: the work is
+    network-bound), each thread on its own database connection from ``connect()`` (a context
+    manager), opened on first use and closed at the end. One result per id, in order; an
+    exception ``work`` raises (only infrastructure faults should) propagates after the others end.
+    """
+    local = threading.local()
+    opened: list[AbstractContextManager] = []
+    lock = threading.Lock()
+
+    def one(item_id: int) -> ItemResult:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            manager = connect()
+            conn = local.conn = manager.__enter__()
+            with lock:
+                opened.append(manager)
+        return work(conn, item_id)
+
+    try:
+        workers = max(1, min(parallel, len(ids) or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+            return list(pool.map(one, ids))
+    finally:
+        for manager in opened:
+            manager.__exit__(None, None, None)
+
+
+def rollback_quietly(conn) -> None:
+    """Roll back after an item's failure; a connection that is gone says so at its next statement."""
+    try:
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - the connection itself failed: nothing to roll back
+        pass

@@ -102,6 +102,35 @@ class Settings:
     #: Google Calendar calls per HTTP batch request (1..50; Calendar takes at most 50).
     google_batch_size: int = 50
 
+    # --- Connected accounts (OAuth token refresh, integration health) --------------------
+    #: Refresh an access token this long before it expires, in seconds (the spec: 5 minutes).
+    oauth_refresh_lead_s: int = 300
+    #: Tries per token refresh for 429, 5xx and connection faults (within one task).
+    oauth_request_attempts: int = 3
+    #: Longest wait between those tries, in seconds (Retry-After is honoured up to this).
+    oauth_retry_max_wait_s: int = 10
+    #: Socket timeout per provider call (token endpoint, health URL), in seconds.
+    oauth_request_timeout_s: int = 10
+    #: After a failed refresh the next scheduled one waits this long, doubling per failure in a
+    #: row up to ``oauth_refresh_backoff_max_s``; after ``oauth_refresh_max_failures`` failures in
+    #: a row the integration is ``error`` and only an on-demand refresh or a reconnect tries again.
+    oauth_refresh_backoff_base_s: int = 60
+    oauth_refresh_backoff_max_s: int = 3600
+    oauth_refresh_max_failures: int = 10
+    #: Lifetime assumed for an access token whose provider gave no ``expires_in``, in seconds.
+    oauth_default_token_lifetime_s: int = 3600
+    #: How long a request-time refresh (inside another job) waits for a refresh already running.
+    oauth_refresh_lease_wait_s: int = 15
+    #: Refreshes / health checks in flight per task.
+    oauth_parallel_requests: int = 8
+    #: Integrations per mapped batch task (both DAGs): batches of min..max, aiming at target_count.
+    oauth_batch_min: int = 50
+    oauth_batch_max: int = 1000
+    oauth_batch_target_count: int = 8
+    #: A refresh batch fails (and the failure notifier alerts) when more than this share of its
+    #: integrations failed to refresh, in percent (revocations are not failures).
+    oauth_refresh_failure_percent: int = 20
+
     # --- Notifications (outbox dispatch) ---------------------------------------------
     #: Tries per notification before it is ``dead``, per channel (the spec: 5 in development,
     #: 7 in production). Waits double from ``notify_backoff_base_s``; a Retry-After replaces one.

@@ -33,3 +33,25 @@ def ics_sync_requests():
     )
     watcher = AssetWatcher(name="ics_sync_requests", trigger=trigger)
     return Asset("almanac://ics/sync-requests", watchers=[watcher])
+
+
+def oauth_refresh_requests():
+    """The Asset of on-demand token refresh requests on Redis (``almanac.integrations.requests``).
+
+    One event per entry of ``almanac:oauth_refresh:requests``; the extra carries
+    ``{"payload": {"integration_id": N, "request_id": "<entry id>"}}``. Built on call, like
+    ``ics_sync_requests``, so only ``oauth_token_refresh`` creates the watcher.
+    """
+    from airflow.sdk import AssetWatcher
+
+    from almanac.integrations import requests
+    from almanac_airflow.triggers import RedisStreamTrigger
+
+    trigger = RedisStreamTrigger(
+        stream=requests.STREAM_KEY,
+        group=requests.CONSUMER_GROUP,
+        parser=requests.PARSER,
+        dead_letter_stream=requests.DEAD_LETTER_STREAM,
+    )
+    watcher = AssetWatcher(name="oauth_refresh_requests", trigger=trigger)
+    return Asset("almanac://oauth/refresh-requests", watchers=[watcher])

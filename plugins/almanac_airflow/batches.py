@@ -93,8 +93,11 @@ def _pulled_summaries(ti, task_id: str) -> list[dict]:
     return [s for s in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if s]
 
 
-def summarize_run(kind: Kind, context, *, plan_task_id: str, work_task_id: str) -> dict:
-    """Sum the run's batch summaries; raise when the plan or any batch failed (after pushing ``total``)."""
+def summarize_run(
+    kind: Kind, context, *, plan_task_id: str, work_task_id: str, alert_percent: int | None = None
+) -> dict:
+    """Sum the run's batch summaries; raise when the plan or any batch failed, or (with
+    ``alert_percent``) when more than that share of the run's items failed (after pushing ``total``)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     ti = context["ti"]
@@ -113,6 +116,12 @@ def summarize_run(kind: Kind, context, *, plan_task_id: str, work_task_id: str) 
     )
     if total["failedBatches"]:
         raise AirflowFailException(f"{total['failedBatches']} of {len(plan)} batches failed")
+    failed = total["errorCount"] - total["busyCount"]
+    if alert_percent is not None and failed and 100 * failed / max(1, total[kind.total_key]) > alert_percent:
+        raise AirflowFailException(
+            f"{failed} of {total[kind.total_key]} {kind.noun.lower()} failed (> {alert_percent}%): "
+            "see this task's 'total' XCom for each one's error"
+        )
     return total
 
 
@@ -130,6 +139,7 @@ def mapped_batches(
     work: Callable[[dict, Any], list[ItemResult]] | str,
     failure_percent: Callable[[Any], int],
     task_id: str = "work_batch",
+    alert_percent: Callable[[Any], int] | None = None,
     announce=None,
     announce_key: str | None = None,
     **work_task_kwargs: Any,
@@ -144,6 +154,10 @@ def mapped_batches(
         work: ``(batch, context) -> list[ItemResult]``, or its import path; runs inside the
             mapped task.
         failure_percent: ``settings -> int``, the batch failure threshold.
+        alert_percent: ``settings -> int``, optional: ``summarize`` fails the run (no retry: the
+            failure notifier alerts) when more than this share of all items failed. For jobs
+            whose failed items are recorded and retried by a later run, so a batch is not
+            retried for them (use ``failure_percent=lambda s: 100`` with it).
         task_id: the mapped task's id (``sync_batch``, ``push_batch`` ...).
         announce: an Asset to emit naming the changed ids (``kind.changed_key`` needed).
         announce_key: the key of the ids in the asset event's extra (default ``calendar_ids``).
@@ -166,8 +180,13 @@ def mapped_batches(
 
     @task(trigger_rule="all_done")
     def summarize() -> dict:
+        alert = alert_percent(load_settings()) if alert_percent is not None else None
         return summarize_run(
-            resolve(kind), get_current_context(), plan_task_id=plan_task_id, work_task_id=task_id
+            resolve(kind),
+            get_current_context(),
+            plan_task_id=plan_task_id,
+            work_task_id=task_id,
+            alert_percent=alert,
         )
 
     batches = work_batch.expand(batch=plan)

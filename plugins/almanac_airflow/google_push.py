@@ -1,11 +1,13 @@
-"""Google glue: the OAuth client from connection ``google_oauth``, the token key from a Variable,
+"""Google glue: the Google provider from connection ``oauth_google`` (``google_oauth`` before it),
 the run's scope from params, triggering asset events and pending calendars, and the task bodies.
 
-- Connection ``google_oauth``: login = OAuth client id, password = client secret, extra
-  ``{"token_uri": "...", "api_endpoint": "..."}`` (both optional; Google's by default, a
-  local fake in tests).
-- Variable ``almanac_token_fernet_key``: the Fernet key(s) tokens are encrypted with
-  (``new,old`` while rotating).
+- Connection ``oauth_google``: login = OAuth client id, password = client secret, extra
+  ``{"token_url": "...", "health_url": "...", "api_endpoint": "..."}`` (all optional; Google's by
+  default, a local fake in tests). The older ``google_oauth`` (extra ``token_uri``) still works.
+- Variable ``almanac_token_fernet_key``: the Fernet key(s) tokens are encrypted with.
+
+Tokens come from the integrations store (``almanac.integrations``): every refresh the push
+needs goes through its one refresh path, under the integration's lease.
 
 Read inside tasks only; nothing here does I/O at import time.
 """
@@ -16,57 +18,29 @@ import logging
 import time
 from collections.abc import Callable
 
-from almanac.errors import ConfigError
-
 __all__ = [
-    "FERNET_KEY_VARIABLE",
-    "OAUTH_CONN_ID",
     "mark_pushed",
     "oauth_client",
     "plan_push",
     "push_scope",
     "push_work",
-    "token_cipher",
 ]
 
 log = logging.getLogger(__name__)
 
-OAUTH_CONN_ID = "google_oauth"
-FERNET_KEY_VARIABLE = "almanac_token_fernet_key"
 
+def oauth_client(providers=None):
+    """The ``OAuthClient`` (client, token URL, Calendar endpoint) of the ``google`` provider."""
+    from almanac.google.client import OAuthClient
+    from almanac.integrations.providers import GOOGLE
+    from almanac_airflow.integrations import Providers
 
-def token_cipher():
-    """The ``TokenCipher`` for the key(s) in Variable ``almanac_token_fernet_key``."""
-    from airflow.sdk import Variable
-
-    from almanac.google.crypto import TokenCipher
-
-    keys = Variable.get(FERNET_KEY_VARIABLE, default=None)
-    if not keys:
-        raise ConfigError(
-            f"Variable {FERNET_KEY_VARIABLE!r} is not set (dev/CI: AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY)"
-        )
-    return TokenCipher(keys)
-
-
-def oauth_client():
-    """The ``OAuthClient`` from connection ``google_oauth``."""
-    from airflow.sdk import BaseHook
-
-    from almanac.google.client import GOOGLE_TOKEN_URI, OAuthClient
-
-    try:
-        conn = BaseHook.get_connection(OAUTH_CONN_ID)
-    except Exception as exc:  # AirflowNotFoundException and friends: say which connection
-        raise ConfigError(
-            f"connection {OAUTH_CONN_ID!r} is missing (login = client id, password = secret)"
-        ) from exc
-    extra = conn.extra_dejson or {}
+    google = (providers or Providers())(GOOGLE)
     return OAuthClient(
-        client_id=conn.login or "",
-        client_secret=conn.password or "",
-        token_uri=extra.get("token_uri") or GOOGLE_TOKEN_URI,
-        api_endpoint=extra.get("api_endpoint") or None,
+        client_id=google.client_id,
+        client_secret=google.client_secret,
+        token_uri=google.token_url,
+        api_endpoint=google.extra.get("api_endpoint") or None,
     )
 
 
@@ -160,19 +134,30 @@ def push_work(batch: dict, context, *, sleep: Callable[[float], None] = time.sle
         window = (datetime.fromisoformat(planned[0]), datetime.fromisoformat(planned[1]))
     else:
         window = sync_window(interval_end(context), settings)
-    cipher, oauth = token_cipher(), oauth_client()
-    with app_db() as conn:
-        return push_batch(
-            conn,
-            batch["ids"],
-            calendar_ids=batch.get("calendar_ids"),
-            cipher=cipher,
-            oauth=oauth,
-            policy=policy,
-            sleep=sleep,
-            window=window,
-            batch_size=settings.google_batch_size,
-        )
+    from almanac.integrations.google import google_credentials
+    from almanac.leases import LeaseKeeper
+    from almanac_airflow.hooks import redis_client
+    from almanac_airflow.integrations import Providers, lease_owner, refresher
+
+    providers = Providers()
+    oauth = oauth_client(providers)
+    redis = redis_client()
+    try:
+        with LeaseKeeper(redis, lease_owner(context)) as leases, app_db() as conn, app_db() as token_conn:
+            tokens = refresher(leases, settings, providers=providers, sleep=sleep)
+            return push_batch(
+                conn,
+                batch["ids"],
+                calendar_ids=batch.get("calendar_ids"),
+                credentials=lambda integration_id: google_credentials(tokens, token_conn, integration_id),
+                oauth=oauth,
+                policy=policy,
+                sleep=sleep,
+                window=window,
+                batch_size=settings.google_batch_size,
+            )
+    finally:
+        redis.close()
 
 
 def mark_pushed(context, *, plan_task_id: str = "plan_batches", summary_task_id: str = "summarize") -> int:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 
+import psycopg
 import pytest
+import redis
 
 from almanac.batches import ItemResult, summarize_batch
 from almanac.errors import ConfigError
@@ -26,6 +30,10 @@ from almanac.google.client import OAuthClient, batch_uri
 from almanac.google.crypto import TokenCipher, generate_key
 from almanac.google.mapping import google_event_id
 from almanac.ics.sync import sync_window
+from almanac.integrations.google import google_credentials
+from almanac.integrations.providers import ProviderConfig
+from almanac.integrations.refresh import Refresher
+from almanac.leases import LeaseKeeper
 from almanac.retry import RetryPolicy
 from almanac.settings import Settings
 from almanac.timeconv import all_day_instant
@@ -127,22 +135,40 @@ def connected(gdb, google, cipher) -> dict[int, str]:
     return tokens
 
 
+@contextmanager
+def _credentials(cipher, oauth, sleep):
+    """Members' credentials as the DAG gets them: from the integrations store, every refresh
+    through its ``Refresher`` (own connection, a real Redis lease) at the fake's token endpoint."""
+    google = ProviderConfig("google", oauth.client_id, oauth.client_secret, oauth.token_uri)
+    client = redis.Redis.from_url(os.environ["ALMANAC_REDIS_URL"])
+    try:
+        with (
+            psycopg.connect(os.environ["ALMANAC_APP_DB_URL"]) as token_conn,
+            LeaseKeeper(client, "push-test") as leases,
+        ):
+            tokens = Refresher(cipher, lambda name: google, leases, sleep=sleep)
+            yield lambda integration_id: google_credentials(tokens, token_conn, integration_id)
+    finally:
+        client.close()
+
+
 def _push_results(
     db, cipher, oauth, *, calendar_ids=None, sleep=None, attempts=4, window=None, batch_size=50
 ) -> list[ItemResult]:
     waits = [] if sleep is None else sleep
     users = member_ids_to_push(db, calendar_ids)
-    return push_batch(
-        db,
-        users,
-        calendar_ids=calendar_ids,
-        cipher=cipher,
-        oauth=oauth,
-        policy=RetryPolicy(attempts=attempts, max_wait_s=30),
-        sleep=waits.append,
-        window=window,
-        batch_size=batch_size,
-    )
+    with _credentials(cipher, oauth, waits.append) as credentials:
+        return push_batch(
+            db,
+            users,
+            calendar_ids=calendar_ids,
+            credentials=credentials,
+            oauth=oauth,
+            policy=RetryPolicy(attempts=attempts, max_wait_s=30),
+            sleep=waits.append,
+            window=window,
+            batch_size=batch_size,
+        )
 
 
 def _push(db, cipher, oauth, **kwargs) -> dict:
@@ -297,7 +323,7 @@ def test_an_unknown_access_token_is_refreshed_once_and_the_call_retried(
 ):
     # a stored access token Google no longer accepts, although its expiry says it is valid
     gdb.execute(
-        "UPDATE google_accounts SET access_token_enc = %s, access_token_expires_at = %s WHERE user_id = %s",
+        "UPDATE integrations SET access_token_enc = %s, access_token_expires_at = %s WHERE user_id = %s",
         (cipher.encrypt("ya29.stale"), datetime.now(UTC) + timedelta(hours=1), BOB),
     )
     gdb.commit()
@@ -311,7 +337,7 @@ def test_an_unknown_access_token_is_refreshed_once_and_the_call_retried(
     assert google.token_calls() == 2  # Bob once (after the 401), Alice once (she had no access token)
     assert summary["successCount"] == 2 and len(google.live_events("bob")) == 3
     stored, expires = gdb.execute(
-        "SELECT access_token_enc, access_token_expires_at FROM google_accounts WHERE user_id = %s", (BOB,)
+        "SELECT access_token_enc, access_token_expires_at FROM integrations WHERE user_id = %s", (BOB,)
     ).fetchone()
     assert cipher.decrypt(stored).startswith("ya29.fake-") and expires > datetime.now(UTC)
 
@@ -321,7 +347,7 @@ def test_an_expired_access_token_is_refreshed_before_the_call_and_kept_for_the_n
 ):
     _push(gdb, cipher, oauth)
     assert google.token_calls() == 2
-    rows = gdb.execute("SELECT refresh_token_enc, access_token_enc FROM google_accounts").fetchall()
+    rows = gdb.execute("SELECT refresh_token_enc, access_token_enc FROM integrations").fetchall()
     assert not any("1//refresh" in r[0] or "ya29" in (r[1] or "") for r in rows)  # encrypted at rest
 
     _event(gdb, WORK, "standup@x", "", "Standup (moved)", T0 + timedelta(hours=2), version=2)
@@ -330,7 +356,7 @@ def test_an_expired_access_token_is_refreshed_before_the_call_and_kept_for_the_n
     assert google.token_calls() == 2  # the stored access token was reused
 
     gdb.execute(
-        "UPDATE google_accounts SET access_token_expires_at = %s", (datetime(2026, 1, 1, tzinfo=UTC),)
+        "UPDATE integrations SET access_token_expires_at = %s", (datetime(2026, 1, 1, tzinfo=UTC),)
     )
     _event(gdb, WORK, "standup@x", "", "Standup (moved again)", T0 + timedelta(hours=3), version=3)
     gdb.commit()
@@ -355,11 +381,16 @@ def test_a_revoked_grant_marks_the_account_revoked_skips_it_and_others_are_still
     assert summary["skippedCount"] == 1 and summary["errorCount"] == 0 and summary["successCount"] == 1
     assert len(google.live_events("bob")) == 3
     status, error = gdb.execute(
-        "SELECT status, last_error FROM google_accounts WHERE user_id = %s", (ALICE,)
+        "SELECT status, last_error FROM integrations WHERE user_id = %s", (ALICE,)
     ).fetchone()
     assert status == "revoked" and "invalid_grant" in error
     assert member_ids_to_push(gdb, None) == [BOB]  # not tried again until the user reconnects
     assert connected[ALICE] not in json.dumps(summary)
+    # The integrations store recorded the revocation, and told the tenant (its user: no owner) once.
+    told = gdb.execute("SELECT user_id, kind, channel FROM notifications").fetchall()
+    assert told == [(ALICE, "integration_revoked", "email")]
+    _push(gdb, cipher, oauth)
+    assert gdb.execute("SELECT count(*) FROM notifications").fetchone()[0] == 1
 
 
 # --- Google under load ---------------------------------------------------------------------

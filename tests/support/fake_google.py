@@ -1,9 +1,20 @@
-"""A local fake of Google's OAuth2 token endpoint and Calendar API v3 events, on the real wire format.
+"""A local fake of Google's OAuth2 token endpoint, userinfo and Calendar API v3 events, on the wire format.
 
-Enough for ``google-auth`` and ``google-api-python-client`` to talk to it unchanged:
+Enough for ``google-auth`` and ``google-api-python-client`` to talk to it unchanged. The grants are
+an ``almanac.integrations.fakes.OAuthState`` (``.state``; owners are its subjects) with Google's
+token shapes (``1//refresh-...``, ``ya29.fake-...``) and Google's userinfo errors:
 
-- ``POST /token`` (form ``grant_type=refresh_token``): ``{"access_token", "expires_in", "token_type"}``;
-  a revoked or unknown refresh token gets ``400 {"error": "invalid_grant", ...}``.
+- ``POST /token`` (form ``grant_type=refresh_token``, client credentials posted or HTTP Basic):
+  ``{"access_token", "expires_in", "token_type", "scope"}``, plus a new ``refresh_token`` when it
+  rotates (``FakeGoogle(rotate_refresh_tokens=True)``, or a grant with prefix ``rotate-``; the used
+  one then gets ``invalid_grant``); a revoked, rotated-away or unknown refresh token gets
+  ``400 {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}``.
+  The refresh-token prefixes of ``OAuthState`` work here too: ``grant("alice", prefix="slow-")``.
+- ``GET /oauth2/v3/userinfo`` (``.userinfo_url``) and ``GET /v1/userinfo`` (OpenID Connect's,
+  ``.oidc_userinfo_url``): ``200 {"sub": owner, "email", "email_verified": true}`` for a live
+  access token; else ``401 {"error": "invalid_request", "error_description": "Invalid
+  Credentials"}`` with ``WWW-Authenticate: Bearer realm="https://accounts.google.com/",
+  error="invalid_token"``. Not logged in ``requests`` (``state.userinfo_requests`` has them).
 Under ``/calendar/v3/calendars/{calendarId}``:
 
 - ``POST   /events``            events.insert (client-chosen ids allowed; 409 when the id is taken)
@@ -24,10 +35,13 @@ account (its ``sub``): ``grant("alice")`` and ``grant("alice-work")`` are two ac
 separate calendars, even when one Almanac user connects both in turn.
 
 Faults: ``fail_next`` makes the next N API requests answer 429 (with ``Retry-After``) or 5xx
-(a batch request as a whole, with all its calls); ``reject`` makes the calls about one event
-(by id or summary) answer a 4xx — or, with ``times``, a 429/5xx a few times — in Google's
-error shape until ``clear_rejections``; ``remove_calendar`` makes a calendar 404 (as when the
-user deleted it); ``delay`` waits before answering each call (each part of a batch too).
+(a batch request as a whole, with all its calls); ``fail_next_token(n, status, retry_after,
+endpoint="token" | "userinfo" | "any")`` the same for the next N token (or userinfo) requests,
+in the OAuth error shape (429 ``rate_limit_exceeded``, 5xx ``server_error``); ``reject`` makes
+the calls about one event (by id or summary) answer a 4xx — or, with ``times``, a 429/5xx a few
+times — in Google's error shape until ``clear_rejections``; ``remove_calendar`` makes a calendar
+404 (as when the user deleted it); ``delay`` waits before answering each call (each part of a
+batch too).
 Events are kept per (owner, calendar id) for assertions; every API call (a batch's parts one
 by one) is logged in ``requests`` as ``(method, path, owner)``, and every HTTP request to the
 API in ``http_requests`` as ``(method, path, calls)`` (no tokens).
@@ -45,12 +59,16 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["FakeGoogle"]
+from almanac.integrations.fakes import Answer, OAuthState, write_answer
+
+__all__ = ["CALENDAR_EVENTS_SCOPE", "FakeGoogle", "GoogleOAuthState"]
 
 _EVENTS = re.compile(r"^/calendar/v3/calendars/(?P<cal>[^/]+)/events(?:/(?P<event>[^/]+))?$")
 _ID = re.compile(r"^[a-v0-9]{5,1024}$")  # base32hex, as Calendar requires of client-chosen ids
 BATCH_PATH = "/batch/calendar/v3"
 MAX_BATCH_CALLS = 50  # Calendar's limit per batch request
+CALENDAR_EVENTS_SCOPE = "https://www.googleapis.com/auth/calendar.events"
+USERINFO_PATH, OIDC_USERINFO_PATH = "/oauth2/v3/userinfo", "/v1/userinfo"
 
 
 def _error(code: int, reason: str, message: str) -> dict:
@@ -71,16 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, payload: dict | None = None, headers: dict | None = None) -> None:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if payload is not None:
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _send(self, status: int, payload: dict | bytes | None = None, headers: dict | None = None) -> None:
+        write_answer(self, status, payload, headers or {})
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -103,10 +113,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         fake = self.server
         if url.path == "/token" and method == "POST":
-            status, payload = fake._token(parse_qs(body.decode()))
+            form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+            answer = fake.state.token_answer(form, self.headers.get("Authorization"))
             with fake.lock:
                 fake.requests.append((method, url.path, None))
-            return self._send(status, payload)
+            return self._send(*answer)
+        if url.path in (USERINFO_PATH, OIDC_USERINFO_PATH) and method in ("GET", "POST"):
+            return self._send(*fake.state.userinfo_answer(self.headers.get("Authorization")))
         if url.path == BATCH_PATH and method == "POST":
             return self._batch(body)
         if not _EVENTS.match(url.path):
@@ -185,22 +198,46 @@ def _fault_answer(status: int, retry_after: int | None) -> tuple[int, dict, dict
     return status, _error(status, reason, "injected fault"), headers
 
 
+class GoogleOAuthState(OAuthState):
+    """``OAuthState`` with Google's token shapes, userinfo claims and userinfo 401."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(refresh_marker="1//refresh-", access_marker="ya29.fake-", **kwargs)
+
+    def claims(self, subject: str) -> dict:
+        claims = super().claims(subject)
+        del claims["name"]  # Google adds it only with the ``profile`` scope
+        return claims
+
+    def invalid_token_answer(self, description: str) -> Answer:
+        return (
+            401,
+            {"error": "invalid_request", "error_description": "Invalid Credentials"},
+            {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", error="invalid_token"'},
+        )
+
+
 class FakeGoogle(ThreadingHTTPServer):
-    """The fake, as a context manager: ``with FakeGoogle() as g: ... g.url ...``."""
+    """The fake, as a context manager: ``with FakeGoogle() as g: ... g.url ...``.
+
+    ``rotate_refresh_tokens``: every refresh answers a new refresh token and the used one is
+    refused afterwards. ``slow_seconds``: how long ``slow-`` grants wait (``OAuthState``)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, *, access_token_ttl: int = 3600) -> None:
+    def __init__(
+        self, *, access_token_ttl: int = 3600, rotate_refresh_tokens: bool = False, slow_seconds: float = 3.0
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.lock = threading.Lock()
-        self.access_token_ttl = access_token_ttl
+        self.state = GoogleOAuthState(
+            access_token_ttl=access_token_ttl, rotate_refresh_tokens=rotate_refresh_tokens,
+            slow_seconds=slow_seconds,
+        )
         self.requests: list[tuple[str, str, str | None]] = []  # every call, a batch's parts one by one
         self.http_requests: list[tuple[str, str, int]] = []  # every API request: (method, path, calls)
         self.delay = 0.0  # seconds to wait before answering each call (each part of a batch too)
-        self.refresh_tokens: dict[str, str] = {}  # refresh token -> owner
-        self.revoked: set[str] = set()
-        self.access_tokens: dict[str, tuple[str, float]] = {}  # access token -> (owner, expires at)
         self.events: dict[tuple[str, str], dict[str, dict]] = {}  # (owner, calendar) -> id -> event
         self._faults: list[tuple[int, int | None]] = []
         self._rejections: list[dict] = []  # under lock
@@ -221,38 +258,57 @@ class FakeGoogle(ThreadingHTTPServer):
     def api_endpoint(self) -> str:
         return f"{self.url}/calendar/v3/"
 
+    @property
+    def userinfo_url(self) -> str:
+        """``https://www.googleapis.com/oauth2/v3/userinfo`` here."""
+        return f"{self.url}{USERINFO_PATH}"
+
+    @property
+    def oidc_userinfo_url(self) -> str:
+        """``https://openidconnect.googleapis.com/v1/userinfo`` here."""
+        return f"{self.url}{OIDC_USERINFO_PATH}"
+
+    @property
+    def access_token_ttl(self) -> int:
+        return self.state.access_token_ttl
+
+    @access_token_ttl.setter
+    def access_token_ttl(self, seconds: int) -> None:
+        self.state.access_token_ttl = seconds
+
     def __enter__(self) -> FakeGoogle:
+        self.state.set_stopping(False)
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.state.set_stopping(True)  # wakes slow token answers
         self.shutdown()
         self.server_close()
 
     # --- test controls -----------------------------------------------------------
-    def grant(self, owner: str) -> str:
-        """A new refresh token for ``owner`` (what the OAuth consent flow would give)."""
-        token = "1//refresh-" + secrets.token_urlsafe(12)
-        with self.lock:
-            self.refresh_tokens[token] = owner
-        return token
+    def grant(self, owner: str, *, scopes=(CALENDAR_EVENTS_SCOPE,), prefix: str = "") -> str:
+        """A new refresh token for ``owner`` (what the OAuth consent flow would give); ``prefix``:
+        an ``OAuthState`` behaviour (``"revoked-"``, ``"slow-"``, ``"rotate-"``...)."""
+        return self.state.grant(owner, scopes=scopes, prefix=prefix)
 
     def issue_access_token(self, owner: str, ttl: int | None = None) -> str:
-        token = "ya29.fake-" + secrets.token_urlsafe(12)
-        with self.lock:
-            self.access_tokens[token] = (owner, time.time() + (self.access_token_ttl if ttl is None else ttl))
-        return token
+        return self.state.issue_access_token(owner, ttl)
 
     def revoke(self, refresh_token: str) -> None:
-        """The user revoked access: the refresh token and its access tokens stop working."""
-        with self.lock:
-            self.revoked.add(refresh_token)
-            owner = self.refresh_tokens.get(refresh_token)
-            self.access_tokens = {k: v for k, v in self.access_tokens.items() if v[0] != owner}
+        """The user revoked access: the refresh token (its grant) and the owner's access tokens
+        stop working."""
+        self.state.revoke(refresh_token)
 
     def expire_access_tokens(self) -> None:
-        with self.lock:
-            self.access_tokens.clear()
+        self.state.expire_access_tokens()
+
+    def fail_next_token(
+        self, count: int, status: int = 429, retry_after: int | None = None, *, endpoint: str = "token"
+    ) -> None:
+        """The next ``count`` token requests (``endpoint="userinfo"``: userinfo requests; ``"any"``:
+        either) answer ``status``, with ``Retry-After`` when given."""
+        self.state.fail_next(count, status, retry_after=retry_after, endpoint=endpoint)
 
     def fail_next(self, count: int, status: int = 429, retry_after: int | None = None) -> None:
         """The next ``count`` API requests (not token calls) answer ``status``: a single call,
@@ -366,27 +422,6 @@ class FakeGoogle(ThreadingHTTPServer):
             status, payload = self._events_call(method, owner, calendar, event_id, body, parse_qs(url.query))
             return status, payload, {}
 
-    def _token(self, form: dict[str, list[str]]) -> tuple[int, dict]:
-        if form.get("grant_type", [""])[0] != "refresh_token":
-            return 400, {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}
-        if not form.get("client_id") or not form.get("client_secret"):
-            return 401, {"error": "invalid_client", "error_description": "The OAuth client was not found."}
-        refresh = form.get("refresh_token", [""])[0]
-        with self.lock:
-            owner = self.refresh_tokens.get(refresh)
-            if owner is None or refresh in self.revoked:
-                return 400, {
-                    "error": "invalid_grant",
-                    "error_description": "Token has been expired or revoked.",
-                }
-        token = self.issue_access_token(owner)
-        return 200, {
-            "access_token": token,
-            "expires_in": self.access_token_ttl,
-            "token_type": "Bearer",
-            "scope": "https://www.googleapis.com/auth/calendar.events",
-        }
-
     def _rejection_for(
         self, method, owner, calendar, event_id, body
     ) -> tuple[int, str, str, dict] | None:  # under lock
@@ -413,11 +448,8 @@ class FakeGoogle(ThreadingHTTPServer):
                 return rule["status"], rule["reason"], rule["message"], headers
         return None
 
-    def _owner_of(self, token: str) -> str | None:  # under lock
-        found = self.access_tokens.get(token)
-        if found is None or found[1] <= time.time():
-            return None
-        return found[0]
+    def _owner_of(self, token: str) -> str | None:  # under lock (the state has its own)
+        return self.state.access_token_subject(token) if token else None
 
     def _events_call(
         self, method, owner, calendar, event_id, body, query

@@ -1,37 +1,38 @@
-"""google_calendar_push: the ``google_accounts`` table — connected accounts and their encrypted tokens."""
+"""google_calendar_push: the ``google_accounts`` table — each user's Google Calendar push settings.
+
+The grant itself (tokens, status, the account's subject) is the user's ``google`` integration in
+``integrations`` (``almanac.integrations``); a ``google_accounts`` row adds what the push needs:
+the target calendar and the push's own last outcome.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from psycopg.rows import class_row
 
 from almanac.google.crypto import TokenCipher
 
-__all__ = [
-    "GoogleAccount",
-    "connect_account",
-    "load_accounts",
-    "mark_revoked",
-    "record_push",
-    "save_access_token",
-]
+__all__ = ["GoogleAccount", "connect_account", "load_accounts", "record_push"]
+
+#: The scope the push needs (``events`` on the user's calendars).
+CALENDAR_EVENTS_SCOPE = "https://www.googleapis.com/auth/calendar.events"
 
 
 @dataclass(frozen=True)
 class GoogleAccount:
-    """A connected account with its tokens still encrypted (decrypt only where they are used).
+    """A user's push settings and their integration's state (no tokens).
 
     ``account_subject`` is Google's id of the account (OpenID ``sub``); None for legacy rows.
+    ``status`` is the integration's (``active``, ``expired``, ``revoked``, ``error``).
     """
 
     user_id: int
+    integration_id: int
     status: str
     target_calendar_id: str
-    refresh_token_enc: str = field(repr=False)
-    access_token_enc: str | None = field(repr=False, default=None)
-    access_token_expires_at: datetime | None = None
     account_subject: str | None = None
 
 
@@ -43,8 +44,13 @@ def connect_account(
     *,
     target_calendar_id: str = "primary",
     account_subject: str | None = None,
-) -> None:
-    """Store (or replace) a user's Google grant, as the product does after the OAuth consent.
+    access_token: str | None = None,
+    expires_at: datetime | None = None,
+    scopes: Sequence[str] | None = (CALENDAR_EVENTS_SCOPE,),
+    now: datetime | None = None,
+) -> int:
+    """Store (or replace) a user's Google grant and push settings, as the product does after the
+    OAuth consent; returns the integration's id.
 
     Parameters:
         account_subject: Google's id of the account granted (the ID token's ``sub``). Links
@@ -52,67 +58,42 @@ def connect_account(
             and creates every event in this account. Reconnecting the same subject keeps
             them. None (unknown) counts as a subject of its own, so pass it whenever known.
 
-    A reconnect makes a revoked account active again and forgets the old access token.
-    The caller commits.
+    A reconnect makes a revoked integration active again. The caller commits.
     """
+    from almanac.integrations import store
+
+    tenant_id = conn.execute("SELECT tenant_id FROM users WHERE id = %s", (user_id,)).fetchone()[0]
+    integration_id = store.connect(
+        conn, cipher, tenant_id=tenant_id, user_id=user_id, provider="google", refresh_token=refresh_token,
+        access_token=access_token, expires_at=expires_at, scopes=scopes, account_subject=account_subject,
+        now=now or datetime.now(UTC),
+    )
     conn.execute(
         """
-        INSERT INTO google_accounts (user_id, refresh_token_enc, target_calendar_id, account_subject)
-        VALUES (%s, %s, %s, %s)
+        INSERT INTO google_accounts (user_id, integration_id, target_calendar_id)
+        VALUES (%s, %s, %s)
         ON CONFLICT (user_id) DO UPDATE
-           SET refresh_token_enc = EXCLUDED.refresh_token_enc,
-               target_calendar_id = EXCLUDED.target_calendar_id,
-               account_subject = EXCLUDED.account_subject,
-               access_token_enc = NULL, access_token_expires_at = NULL,
-               status = 'active', last_error = NULL, updated_at = now()
+           SET integration_id = EXCLUDED.integration_id, target_calendar_id = EXCLUDED.target_calendar_id,
+               last_error = NULL, updated_at = now()
         """,
-        (user_id, cipher.encrypt(refresh_token), target_calendar_id, account_subject),
+        (user_id, integration_id, target_calendar_id),
     )
+    return integration_id
 
 
 def load_accounts(conn, user_ids: list[int]) -> dict[int, GoogleAccount]:
-    """The accounts of ``user_ids`` that exist, by user id (tokens still encrypted)."""
+    """The push settings of ``user_ids`` that exist, with their integration's state, by user id."""
     with conn.cursor(row_factory=class_row(GoogleAccount)) as cur:
         cur.execute(
             """
-            SELECT user_id, status, target_calendar_id, refresh_token_enc, access_token_enc,
-                   access_token_expires_at, account_subject
-              FROM google_accounts
-             WHERE user_id = ANY(%s)
+            SELECT a.user_id, a.integration_id, i.status, a.target_calendar_id, i.account_subject
+              FROM google_accounts a
+              JOIN integrations i ON i.id = a.integration_id
+             WHERE a.user_id = ANY(%s)
             """,
             (list(user_ids),),
         )
         return {account.user_id: account for account in cur.fetchall()}
-
-
-def save_access_token(
-    conn, cipher: TokenCipher, user_id: int, access_token: str, expires_at: datetime | None
-) -> None:
-    """Keep a refreshed access token (encrypted) so the next run need not refresh again.
-
-    The caller commits.
-    """
-    conn.execute(
-        """
-        UPDATE google_accounts
-           SET access_token_enc = %s, access_token_expires_at = %s, updated_at = now()
-         WHERE user_id = %s
-        """,
-        (cipher.encrypt(access_token), expires_at, user_id),
-    )
-
-
-def mark_revoked(conn, user_id: int, reason: str) -> None:
-    """Google refused the grant: stop using it until the user reconnects. The caller commits."""
-    conn.execute(
-        """
-        UPDATE google_accounts
-           SET status = 'revoked', last_error = %s, access_token_enc = NULL,
-               access_token_expires_at = NULL, updated_at = now()
-         WHERE user_id = %s
-        """,
-        (reason[:1000], user_id),
-    )
 
 
 def record_push(conn, user_id: int, error: str | None) -> None:

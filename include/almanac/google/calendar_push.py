@@ -57,7 +57,7 @@ from psycopg.rows import class_row, dict_row
 
 from almanac.batches import ItemResult, Kind
 from almanac.errors import ConfigError, PermanentError, RetryableError
-from almanac.google.accounts import GoogleAccount, load_accounts, mark_revoked, record_push, save_access_token
+from almanac.google.accounts import GoogleAccount, load_accounts, record_push
 from almanac.google.client import (
     DEFAULT_POLICY,
     MAX_BATCH_SIZE,
@@ -67,7 +67,6 @@ from almanac.google.client import (
     GoogleGrantRevokedError,
     OAuthClient,
 )
-from almanac.google.crypto import TokenCipher
 from almanac.google.mapping import EventRow, event_body, google_event_id
 from almanac.retry import RetryPolicy
 
@@ -96,14 +95,16 @@ Window = tuple[datetime, datetime]  # [start, end) of instance starts, aware
 
 
 def member_ids_to_push(conn, calendar_ids: list[int] | None) -> list[int]:
-    """Active Google accounts with something in scope: a membership of, or links into, one of
-    ``calendar_ids`` (links too, so a member who left still gets their copies removed).
-    ``None``: every active account. Commits (ends its read transaction)."""
+    """Google accounts whose integration is usable (``active``, or ``expired``: the push's
+    request-time refresh retries it) with something in scope: a membership of, or links into,
+    one of ``calendar_ids`` (links too, so a member who left still gets their copies removed).
+    ``None``: every such account. Commits (ends its read transaction)."""
     rows = conn.execute(
         """
         SELECT a.user_id
           FROM google_accounts a
-         WHERE a.status = 'active'
+          JOIN integrations i ON i.id = a.integration_id
+         WHERE i.status IN ('active', 'expired')
            AND (%(scope)s::bigint[] IS NULL
                 OR EXISTS (SELECT 1 FROM calendar_members m
                             WHERE m.user_id = a.user_id AND m.calendar_id = ANY(%(scope)s::bigint[]))
@@ -241,6 +242,9 @@ class _Step:
 
 
 ClientFactory = Callable[..., CalendarClient]
+#: ``integration id -> google-auth credentials``, refreshed through the integrations store
+#: (``almanac.integrations.google.google_credentials`` bound to a ``Refresher``).
+CredentialsFor = Callable[[int], object]
 
 
 def push_batch(
@@ -248,7 +252,7 @@ def push_batch(
     user_ids: Iterable[int],
     *,
     calendar_ids: list[int] | None,
-    cipher: TokenCipher,
+    credentials: CredentialsFor,
     oauth: OAuthClient,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -264,8 +268,9 @@ def push_batch(
     Parameters:
         conn: psycopg connection to the application DB.
         calendar_ids: the run's scope (the calendars that changed); ``None`` for all.
-        cipher: decrypts and encrypts the stored tokens.
-        oauth: the product's OAuth client and Google's endpoints.
+        credentials: each member's Google credentials by integration id; every token refresh
+            goes through the integrations store (the one refresh path, under its lease).
+        oauth: the product's OAuth client and Google's endpoints (``api_endpoint``).
         policy: retries per Google call (``almanac.retry.RetryPolicy``).
         sleep: waits between retried calls (tests pass a recorder).
         window: ``(start, end)``: push only instances starting in ``[start, end)``, and leave
@@ -293,12 +298,12 @@ def push_batch(
         account = accounts.get(user_id)
         if account is None:
             results.append(ItemResult(user_id, "skipped", error="no Google account connected"))
-        elif account.status != "active":
+        elif account.status not in ("active", "expired"):
             results.append(ItemResult(user_id, "skipped", error=f"Google account {account.status}"))
         else:
             results.append(
                 _push_member(
-                    conn, account, calendar_ids, cipher, oauth, policy, sleep, client_factory,
+                    conn, account, calendar_ids, credentials, oauth, policy, sleep, client_factory,
                     window, batch_size,
                 )
             )
@@ -306,8 +311,10 @@ def push_batch(
 
 
 def _push_member(
-    conn, account, scope, cipher, oauth, policy, sleep, client_factory, window, batch_size
+    conn, account, scope, credentials, oauth, policy, sleep, client_factory, window, batch_size
 ) -> ItemResult:
+    from almanac.integrations.refresh import IntegrationUnusableError
+
     user_id = account.user_id
     tally = _Tally()
     work = _plan(conn, account, scope, window)
@@ -320,11 +327,7 @@ def _push_member(
     try:
         client = client_factory(
             oauth,
-            refresh_token=cipher.decrypt(account.refresh_token_enc, what="refresh token"),
-            access_token=cipher.decrypt(account.access_token_enc, what="access token")
-            if account.access_token_enc
-            else None,
-            expiry=account.access_token_expires_at,
+            credentials=credentials(account.integration_id),
             policy=policy,
             sleep=sleep,
             user_id=user_id,
@@ -332,21 +335,16 @@ def _push_member(
         )
         _apply(conn, client, account, work, tally)
         record_push(conn, user_id, None)
-    except GoogleGrantRevokedError as exc:
+    except (IntegrationUnusableError, GoogleGrantRevokedError) as exc:
         conn.commit()  # keep the links of the calls that did succeed
-        mark_revoked(conn, user_id, f"{type(exc).__name__}: invalid_grant")
-        status, error = "skipped", "Google access revoked (invalid_grant); account marked revoked"
-        log.warning("user %s: Google grant revoked; account marked revoked and skipped", user_id)
+        status, error = "skipped", f"Google account unusable: {exc}"
+        log.warning("user %s: Google grant revoked or unusable; skipped (%s)", user_id, exc)
     except (PermanentError, RetryableError) as exc:
         conn.commit()
         error = f"{type(exc).__name__}: {exc}"
         record_push(conn, user_id, error)
         status, permanent = "error", not isinstance(exc, RetryableError)
         log.warning("user %s: push failed after %s: %s", user_id, tally.line(), error)
-    if client is not None and client.refreshed and status != "skipped":
-        token, expiry = client.tokens
-        if token:
-            save_access_token(conn, cipher, user_id, token, expiry)
     conn.commit()
     if status == "updated" and client is not None:
         sent = client.http_requests

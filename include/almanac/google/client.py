@@ -178,7 +178,11 @@ class CalendarClient:
 
     Parameters:
         oauth: the product's OAuth client.
-        refresh_token, access_token, expiry: the member's (decrypted) tokens; ``expiry`` aware.
+        credentials: the member's google-auth credentials from the integrations store
+            (``almanac.integrations.google.google_credentials``: refreshed through the one
+            refresh path). The job passes these.
+        refresh_token, access_token, expiry: or the member's (decrypted) tokens, ``expiry``
+            aware, for google-auth to refresh by itself (tools and tests of this client only).
         policy: retries and timeouts.
         sleep: how to wait between attempts (tests pass a recorder).
         batch_size: calls per HTTP request in ``run`` (1..``MAX_BATCH_SIZE``).
@@ -188,7 +192,8 @@ class CalendarClient:
         self,
         oauth: OAuthClient,
         *,
-        refresh_token: str,
+        credentials=None,
+        refresh_token: str | None = None,
         access_token: str | None = None,
         expiry: datetime | None = None,
         policy: RetryPolicy | None = None,
@@ -210,16 +215,20 @@ class CalendarClient:
         self.http_requests = {"batch": 0, "single": 0}
         self._batch_uri = batch_uri(oauth.api_endpoint)
         self._sleep = sleep
-        self._initial = _Tokens(access_token, expiry)
-        self._credentials = Credentials(
-            token=access_token,
-            refresh_token=refresh_token,
-            token_uri=oauth.token_uri,
-            client_id=oauth.client_id,
-            client_secret=oauth.client_secret,
-            # google-auth compares naive UTC datetimes
-            expiry=expiry.astimezone(UTC).replace(tzinfo=None) if expiry else None,
-        )
+        if credentials is None:
+            if not refresh_token:
+                raise ConfigError("CalendarClient needs credentials or a refresh token")
+            credentials = Credentials(
+                token=access_token,
+                refresh_token=refresh_token,
+                token_uri=oauth.token_uri,
+                client_id=oauth.client_id,
+                client_secret=oauth.client_secret,
+                # google-auth compares naive UTC datetimes
+                expiry=expiry.astimezone(UTC).replace(tzinfo=None) if expiry else None,
+            )
+        self._initial = _Tokens(credentials.token, expiry)
+        self._credentials = credentials
         http = google_auth_httplib2.AuthorizedHttp(
             self._credentials, http=httplib2.Http(timeout=self.policy.timeout_s), max_refresh_attempts=1
         )

@@ -25,19 +25,17 @@ other consumer groups to it: it is a work queue, not a log.
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from almanac.batches import as_entity_id
-from almanac.errors import PermanentError
+from almanac.stream_requests import MAX_PAYLOAD_CHARS, EntityRequests, InvalidRequestError
 
 __all__ = [
     "CONSUMER_GROUP",
     "DEAD_LETTER_STREAM",
     "MAX_PAYLOAD_CHARS",
     "PARSER",
+    "REQUESTS",
     "STREAM_KEY",
     "InvalidRequestError",
     "parse_request",
@@ -45,119 +43,39 @@ __all__ = [
     "requested_calendar_ids",
 ]
 
-log = logging.getLogger(__name__)
-
+#: The format: entries naming one calendar (``almanac.stream_requests`` reads and writes it).
+REQUESTS = EntityRequests(stream="almanac:ics_sync:requests", field="calendar_id", logger=__name__)
 #: The stream the backend appends to.
-STREAM_KEY = "almanac:ics_sync:requests"
+STREAM_KEY = REQUESTS.stream
 #: The consumer group Airflow's triggerer reads it with.
-CONSUMER_GROUP = "almanac-airflow"
+CONSUMER_GROUP = REQUESTS.group
 #: Where entries that cannot be read are moved, with the reason.
-DEAD_LETTER_STREAM = STREAM_KEY + ":dead"
+DEAD_LETTER_STREAM = REQUESTS.dead_letter_stream
 #: Dotted path of ``parse_request``, as ``RedisStreamTrigger(parser=...)`` takes it.
 PARSER = f"{__name__}.parse_request"
-#: Longest ``payload`` field read as JSON (a request is ~20 characters); longer is refused
-#: before parsing, so a huge or deeply nested document never reaches the JSON parser.
-MAX_PAYLOAD_CHARS = 1024
-
-
-class InvalidRequestError(PermanentError, ValueError):
-    """A stream entry is not a valid sync request; ``reason`` says why in operator terms.
-
-    What to do: fix the producer that wrote it (the entry is in the dead-letter stream
-    with this reason); replaying the same entry fails the same way.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _json_object(text: str) -> dict:
-    if len(text) > MAX_PAYLOAD_CHARS:
-        raise InvalidRequestError(f"payload is too long ({len(text)} > {MAX_PAYLOAD_CHARS} characters)")
-    try:
-        body = json.loads(text)
-    except RecursionError:
-        raise InvalidRequestError("payload is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and integers past int_max_str_digits
-        raise InvalidRequestError(f"payload is not JSON ({str(exc)[:80]})") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"payload is not a JSON object (got {type(body).__name__})")
-    return body
 
 
 def parse_request(fields: Mapping[str, str]) -> dict:
-    """Read one stream entry's (decoded) fields as a sync request.
-
-    Parameters:
-        fields: the entry's field names and values, as text.
-
-    Returns:
-        ``{"calendar_id": N}`` with ``N`` a positive ``int``.
+    """Read one stream entry's (decoded) fields as a sync request: ``{"calendar_id": N}``.
 
     Raises:
-        InvalidRequestError: no ``calendar_id``/``payload`` field, bad or oversized JSON, or
-            an id that is not a positive integer (``True``, ``"1.5"``, ``-3``, 5,000 digits).
+        InvalidRequestError: no ``calendar_id``/``payload`` field, bad or oversized JSON
+            (over ``MAX_PAYLOAD_CHARS``), or an id that is not a positive integer.
     """
-    if "calendar_id" in fields:
-        raw: Any = fields["calendar_id"]
-    elif "payload" in fields:
-        body = _json_object(fields["payload"])
-        if "calendar_id" not in body:
-            raise InvalidRequestError("payload has no calendar_id")
-        raw = body["calendar_id"]
-    else:
-        raise InvalidRequestError("no calendar_id or payload field")
-    try:
-        return {"calendar_id": as_entity_id(raw)}
-    except ValueError as exc:
-        raise InvalidRequestError(f"calendar_id: {str(exc)[:80]}") from None
+    return REQUESTS.parse(fields)
 
 
 def push_sync_request(client: Any, calendar_id: int, *, stream: str = STREAM_KEY) -> str:
-    """Ask Airflow to sync one calendar's ICS feed now.
-
-    Parameters:
-        client: a synchronous ``redis.Redis`` client on the database Airflow's
-            ``redis_default`` connection points at.
-        calendar_id: the calendar to sync (a positive ``int``).
-        stream: the stream key; only tests pass another one.
-
-    Returns:
-        The stream entry id, which Airflow carries on as the event's ``request_id``.
+    """Ask Airflow to sync one calendar's ICS feed now; returns the stream entry id (the event's
+    ``request_id``). ``client``: a ``redis.Redis`` on ``redis_default``'s database.
 
     Raises:
         InvalidRequestError: ``calendar_id`` is not a positive ``int`` (nothing is written).
     """
-    if isinstance(calendar_id, bool) or not isinstance(calendar_id, int):
-        raise InvalidRequestError(f"calendar_id must be an int, got {type(calendar_id).__name__}")
-    try:
-        calendar_id = as_entity_id(calendar_id)
-    except ValueError as exc:
-        raise InvalidRequestError(f"calendar_id: {exc}") from None
-    entry_id = client.xadd(stream, {"calendar_id": str(calendar_id)})
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return REQUESTS.push(client, calendar_id, stream=stream)
 
 
 def requested_calendar_ids(extras: Iterable[Any]) -> list[int]:
-    """The calendar ids asked for by a run's asset events, sorted and unique.
-
-    Parameters:
-        extras: the ``extra`` of each asset event, as the trigger stores it:
-            ``{"from_trigger": True, "payload": {"calendar_id": 42, "request_id": "..."}}``.
-
-    Returns:
-        The valid ids; an event without a valid ``calendar_id`` is logged and skipped.
-    """
-    ids: set[int] = set()
-    for extra in extras:
-        payload = extra.get("payload") if isinstance(extra, Mapping) else None
-        if not isinstance(payload, Mapping) or "calendar_id" not in payload:
-            log.warning("ignoring an asset event without a calendar_id (extra keys: %s)",
-                        sorted(map(str, extra))[:10] if isinstance(extra, Mapping) else type(extra).__name__)
-            continue
-        try:
-            ids.add(as_entity_id(payload["calendar_id"]))
-        except ValueError as exc:
-            log.warning("ignoring request %.40s: calendar_id %.80s", payload.get("request_id"), exc)
-    return sorted(ids)
+    """The calendar ids asked for by a run's asset events (their ``extra``), sorted and unique;
+    an event without a valid ``calendar_id`` is logged and skipped."""
+    return REQUESTS.requested_ids(extras)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
-from almanac.batches import ItemResult, Kind
+from almanac.batches import ItemResult, Kind, infrastructure_errors
 from almanac.errors import PermanentError, RetryableError
 from almanac.ics.budget import CalendarClock, ParsePool, ParseWorkerUnavailableError
 from almanac.leases import LeaseKeeper, lease_key
@@ -55,8 +55,6 @@ MAX_WARNING_CHARS = 300
 #: A calendar's lease is so held at most this many calendars' sync time longer than its own.
 LEASE_CHUNK = 25
 
-_INFRA_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 class FeedDataRefusedError(PermanentError):
     """The database refused the feed's data (PostgreSQL class 22: a NUL character, text it
@@ -66,17 +64,6 @@ class FeedDataRefusedError(PermanentError):
     What to do: look at the feed (``almanac ics inspect URL``) for the value named in the
     message; the feed's owner has to fix it. The other calendars are not affected.
     """
-
-
-def _infra_errors() -> tuple[type[BaseException], ...]:
-    """Faults of our own infrastructure (database, Redis): they fail the batch, not the item."""
-    global _INFRA_ERRORS
-    if not _INFRA_ERRORS:
-        import psycopg
-        import redis
-
-        _INFRA_ERRORS = (psycopg.Error, redis.RedisError)
-    return _INFRA_ERRORS
 
 
 def sync_window(instant: datetime, settings: Settings) -> tuple[datetime, datetime]:
@@ -375,7 +362,7 @@ def _sync_one(
         detail = {"warningCount": len(problems), "firstWarning": warnings[0]} if problems else None
         return _fetch_result(calendar.id, "updated" if stored.changed else "unchanged", stored, detail=detail)
     except Exception as exc:
-        if isinstance(exc, _infra_errors() + (ParseWorkerUnavailableError,)):
+        if isinstance(exc, infrastructure_errors() + (ParseWorkerUnavailableError,)):
             raise
         conn.rollback()
         status = "held" if isinstance(exc, EmptyFeedHeldError) else "error"

@@ -44,8 +44,9 @@ Google Calendar API v3 `events.insert/patch/delete` on each member's target cale
 (`google_accounts.target_calendar_id`, default `primary`), with `sendUpdates=none`, in Calendar
 batch requests of `google_batch_size` (at most 50) calls. Writes
 `google_event_links`, `google_push_rejections` (events Google refused, with its reason),
-deletes from `calendar_push_pending`, and in `google_accounts` the refreshed access token
-(Fernet-encrypted), `status`, `last_error`, `last_push_at`.
+deletes from `calendar_push_pending`, and in `google_accounts` `last_error`, `last_push_at`.
+Tokens come from the member's `google` integration (`almanac.integrations`): a refresh the push
+needs goes through the store's one refresh path, under the integration's lease, and is kept there.
 
 ### Retries and limits
 `max_active_runs=1` (runs never overlap, so one member is never pushed twice at once). At most
@@ -59,12 +60,14 @@ and ~60 s; permanent errors are not retried.
 An event Google refuses (a 4xx about that event) is recorded in `google_push_rejections` and
 not re-sent until its content changes; the member's other events are pushed. A member's
 failure is recorded (`google_accounts.last_error`) and never stops the others. A revoked
-grant (`invalid_grant`) marks the account `revoked` and reports the member `skipped`.
+grant (`invalid_grant`) marks the integration `revoked` (its owner is told once) and reports the
+member `skipped`.
 A failed plan or batch fails the run; a calendar whose push did not reach every member stays
 pending for the next run.
 A batch task fails — so Airflow retries and alerts — only when more than
-`google_batch_failure_percent` (default 50) of its members failed; a missing `google_oauth`
-connection or `almanac_token_fernet_key` Variable fails the task with a message naming it.
+`google_batch_failure_percent` (default 50) of its members failed; a missing `oauth_google`
+connection (or the older `google_oauth`) or `almanac_token_fernet_key` Variable fails the task
+with a message naming it.
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ class Profile:
     #: Ports (SMTP, SMS, FCM) of the notification provider fakes ``up`` starts; None: none (the
     #: test profile: tests start their own fakes in-process, on OS-chosen ports).
     notify_fakes_ports: tuple[int, int, int] | None = None
+    oauth_fake_port: int | None = None
 
     @property
     def var(self) -> Path:
@@ -121,6 +122,13 @@ class Profile:
         }
 
     @property
+    def oauth_fake_url(self) -> str | None:
+        """Base URL of the fake OAuth provider ``demo`` (``<PREFIX>FAKE_OAUTH_PORT``); None: none."""
+        if self.oauth_fake_port is None:
+            return None
+        return f"http://127.0.0.1:{self.port('FAKE_OAUTH_PORT', self.oauth_fake_port)}"
+
+    @property
     def outbox_dir(self) -> Path:
         """Where the notification fakes write what they accept (and keep their keys)."""
         return self.var / "outbox"
@@ -128,7 +136,8 @@ class Profile:
 
 PROFILES = {
     "dev": Profile(
-        "dev", 55432, 56379, 8080, "ALMANAC_", demo_feeds_port=58080, notify_fakes_ports=(58025, 58026, 58027)
+        "dev", 55432, 56379, 8080, "ALMANAC_", demo_feeds_port=58080,
+        notify_fakes_ports=(58025, 58026, 58027), oauth_fake_port=58028,
     ),
     "test": Profile("test", 55433, 56380, 28080, "ALMANAC_TEST_"),
 }
@@ -195,6 +204,8 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         added = {  # stacks set up before google_calendar_push / the notification outbox
             "token_fernet_key": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
             "sms_auth_token": lambda: secrets.token_hex(16),
+            "oauth_fake_secret": lambda: secrets.token_urlsafe(32),
+            "oauth_client_secret": lambda: secrets.token_urlsafe(24),
         }
         missing = {key: new() for key, new in added.items() if key not in values}
         if missing:
@@ -210,6 +221,8 @@ def load_secrets(profile: Profile) -> dict[str, str]:
         "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
         "api_secret_key": secrets.token_urlsafe(32),
         "sms_auth_token": secrets.token_hex(16),  # the SMS fake's (Twilio-shaped) auth token
+        "oauth_fake_secret": secrets.token_urlsafe(32),  # signs the fake OAuth provider's tokens
+        "oauth_client_secret": secrets.token_urlsafe(24),  # Almanac's client secret at that provider
     }
     write_private(path, json.dumps(values, indent=2))
     return values
@@ -552,6 +565,18 @@ def stack_env(profile: Profile, *, provision: bool) -> dict[str, str]:
             env["AIRFLOW_VAR_ALMANAC_SETTINGS"] = merged
     if profile.notify_fakes:
         env.update(notify_connections(profile, sec))
+    if profile.oauth_fake_url:
+        env["AIRFLOW_CONN_OAUTH_DEMO"] = json.dumps(
+            {
+                "conn_type": "generic",
+                "login": OAUTH_DEMO_CLIENT_ID,
+                "password": sec["oauth_client_secret"],
+                "extra": {
+                    "token_url": f"{profile.oauth_fake_url}/oauth/token",
+                    "health_url": f"{profile.oauth_fake_url}/userinfo",
+                },
+            }
+        )
     return env
 
 
@@ -1006,6 +1031,84 @@ def stop_notify_fakes(profile: Profile) -> None:
     pidfile.unlink(missing_ok=True)
 
 
+OAUTH_FAKE = "oauth-fake"  # its pid file and log are named like the Airflow components'
+OAUTH_DEMO_CLIENT_ID = "almanac-demo"
+
+
+def start_oauth_fake(profile: Profile, sec: dict[str, str], timeout: float = 20) -> int | None:
+    """Start (or reuse) the fake OAuth provider ``demo`` of ``profile``; its pid. Its signing secret
+    is kept in secrets.json, so the demo grants stay valid across restarts."""
+    url = profile.oauth_fake_url
+    if url is None:
+        return None
+    port = int(url.rsplit(":", 1)[1])
+    pidfile = _pidfile(profile, OAUTH_FAKE)
+    pid = _read_pid(pidfile)
+    if pid:
+        say(f"fake OAuth provider already running (pid {pid})")
+        return pid
+    if _port_open(port):
+        sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}FAKE_OAUTH_PORT")
+    (profile.var / "run").mkdir(parents=True, exist_ok=True)
+    logs = profile.var / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{OAUTH_FAKE}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "python"), "-m", "almanac.integrations.fakes", "serve", "--port", str(port),
+                "--client-id", OAUTH_DEMO_CLIENT_ID, "--access-token-ttl", "900",
+            ],
+            # Secrets in its environment, never on its command line.
+            env={
+                **os.environ,
+                "ALMANAC_FAKE_OAUTH_SECRET": sec["oauth_fake_secret"],
+                "ALMANAC_FAKE_OAUTH_CLIENT_SECRET": sec["oauth_client_secret"],
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while not _port_open(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"dev: the fake OAuth provider did not start; see {logs / f'{OAUTH_FAKE}.log'}")
+        time.sleep(0.1)
+    say(f"started the fake OAuth provider 'demo' at {url} (pid {proc.pid})")
+    return proc.pid
+
+
+def stop_oauth_fake(profile: Profile) -> None:
+    pidfile = _pidfile(profile, OAUTH_FAKE)
+    pid = _read_pid(pidfile)
+    if pid:
+        say("stopping the fake OAuth provider")
+        _kill(pid)
+    pidfile.unlink(missing_ok=True)
+
+
+def load_demo_integrations(profile: Profile, env: dict[str, str], sec: dict[str, str]) -> int:
+    """The demo tenants' ``demo`` integrations (grants of the fake provider); idempotent."""
+    if profile.oauth_fake_url is None:
+        return 0
+    from almanac.db.connect import connect
+    from almanac.google.crypto import TokenCipher
+    from almanac.integrations.demo import connect_demo_integrations
+
+    conn = connect(env["ALMANAC_APP_DB_URL"], application_name="almanac-dev")
+    try:
+        added = connect_demo_integrations(
+            conn, TokenCipher(sec["token_fernet_key"]), secret=sec["oauth_fake_secret"]
+        )
+    finally:
+        conn.close()
+    if added:
+        say(f"demo data: integrations +{added} (provider 'demo', the fake OAuth provider)")
+    return added
+
+
 def notify_pool_slots(env: dict[str, str]) -> int:
     """Slots of a new notification pool: the setting ``notify_pool_slots`` (default 5; 10 in
     production) from ``AIRFLOW_VAR_ALMANAC_SETTINGS`` when that is set."""
@@ -1051,7 +1154,10 @@ def cmd_up(profile: Profile) -> int:
     say("loading demo data")
     load_demo(profile, env)
     start_demo_feeds(profile)
-    start_notify_fakes(profile, load_secrets(profile))
+    sec = load_secrets(profile)
+    load_demo_integrations(profile, env, sec)
+    start_notify_fakes(profile, sec)
+    start_oauth_fake(profile, sec)
     start_airflow(profile, env)
     wait_for_api(env)
     allow_demo_feeds(profile, env)
@@ -1074,6 +1180,8 @@ def cmd_up(profile: Profile) -> int:
             f"               fakes: SMTP 127.0.0.1:{ports['email']}, SMS http://127.0.0.1:{ports['sms']}, "
             f"FCM http://127.0.0.1:{ports['push']})",
         ]
+    if profile.oauth_fake_url:
+        lines.append(f"  OAuth fake:  {profile.oauth_fake_url}/_stats  (provider demo, conn oauth_demo)")
     if profile.demo_feeds_url:
         lines += [
             f"  Demo feeds:  {profile.demo_feeds_url}/  (files: {profile.var / 'feeds'})",
@@ -1103,6 +1211,7 @@ def cmd_down(profile: Profile) -> int:
     stop_airflow(profile)
     stop_demo_feeds(profile)
     stop_notify_fakes(profile)
+    stop_oauth_fake(profile)
     stop_redis(profile)
     stop_postgres(profile)
     return 0
@@ -1155,6 +1264,9 @@ def cmd_status(profile: Profile) -> int:
         pid = _read_pid(_pidfile(profile, NOTIFY_FAKES))
         ports = "/".join(str(port) for port in profile.notify_fakes.values())
         print(f"notify fakes {'':9} {f'ports {ports}, pid {pid}' if pid else 'stopped'}")
+    if profile.oauth_fake_url:
+        pid = _read_pid(_pidfile(profile, OAUTH_FAKE))
+        print(f"oauth fake {'':11} {f'{profile.oauth_fake_url}, pid {pid}' if pid else 'stopped'}")
     print(f"ui {'':19} {env['AIRFLOW__API__BASE_URL']}")
     return 0
 

@@ -76,6 +76,7 @@ from urllib.parse import parse_qs, unquote_plus, urlsplit
 __all__ = [
     "BAD_JSON_BODY",
     "BEHAVIOURS",
+    "CLIENT_SECRET_ENV",
     "ENDPOINTS",
     "INVALID_GRANT_DESCRIPTION",
     "SECRET_ENV",
@@ -100,6 +101,8 @@ ENDPOINTS = ("token", "userinfo", "any")
 BAD_JSON_BODY = b"<html><head><title>Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>\n"
 #: The runner reads the signing secret from here when ``--secret`` is not given (not visible in ps).
 SECRET_ENV = "ALMANAC_FAKE_OAUTH_SECRET"
+#: ... and the client secret it requires when ``--client-secret`` is not given.
+CLIENT_SECRET_ENV = "ALMANAC_FAKE_OAUTH_CLIENT_SECRET"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _B64URL = frozenset(string.ascii_letters + string.digits + "-_")
 
@@ -846,7 +849,8 @@ class FakeOAuthProvider:
 def _serve(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get(SECRET_ENV) or None
     fake = FakeOAuthProvider(
-        args.host, args.port, client_id=args.client_id, client_secret=args.client_secret,
+        args.host, args.port, client_id=args.client_id,
+        client_secret=args.client_secret or os.environ.get(CLIENT_SECRET_ENV) or None,
         access_token_ttl=args.access_token_ttl, rotate_refresh_tokens=args.rotate,
         slow_seconds=args.slow_seconds, secret=secret,
     )
@@ -880,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, required=True, help="0: an OS-chosen port (logged)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--client-id", help="the only client id accepted (default: any)")
-    serve.add_argument("--client-secret", help="the only client secret accepted (default: any)")
+    serve.add_argument(
+        "--client-secret", help=f"the only client secret accepted (default: ${CLIENT_SECRET_ENV}, else any)"
+    )
     serve.add_argument("--secret", help=f"the token signing secret (default: ${SECRET_ENV}, else random)")
     serve.add_argument("--access-token-ttl", type=int, default=3600, help="expires_in, seconds")
     serve.add_argument("--rotate", action="store_true", help="rotate refresh tokens at every refresh")

@@ -834,37 +834,34 @@ def load_demo(profile: Profile, env: dict[str, str]) -> dict[str, int]:
     return inserted
 
 
-def start_demo_feeds(profile: Profile, timeout: float = 20) -> int | None:
-    """Start (or reuse) the demo feed server of ``profile`` in the background; its pid."""
-    url = profile.demo_feeds_url
-    if url is None:
-        return None
-    port = int(url.rsplit(":", 1)[1])
-    pidfile = _pidfile(profile, DEMO_FEEDS)
+def start_helper_process(
+    profile: Profile,
+    name: str,
+    what: str,
+    argv: list[str],
+    ports: dict[str, int],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 20,
+) -> tuple[int, bool] | None:
+    """Start (or reuse) one of the profile's helper servers (demo feeds, provider fakes) in the
+    background, in its own session, logging to ``var/<profile>/logs/<name>.log``; wait until each of
+    ``ports`` (``{<PREFIX> variable suffix: port}``) listens. Returns ``(pid, started_now)``."""
+    pidfile = _pidfile(profile, name)
     pid = _read_pid(pidfile)
     if pid:
-        say(f"demo feed server already running (pid {pid})")
-        return pid
-    if _port_open(port):
-        sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}DEMO_FEEDS_PORT")
+        say(f"{what} already running (pid {pid})")
+        return pid, False
+    for variable, port in ports.items():
+        if _port_open(port):
+            sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}{variable}")
     (profile.var / "run").mkdir(parents=True, exist_ok=True)
     logs = profile.var / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    period = profile.setting("DEMO_FEEDS_PERIOD_S", "600")
-    with open(logs / f"{DEMO_FEEDS}.log", "ab") as log:
+    with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "python"),
-                "-m",
-                "almanac.demo_feeds",
-                "serve",
-                "--dir",
-                str(profile.var / "feeds"),
-                "--port",
-                str(port),
-                "--period",
-                period,
-            ],
+            [str(VENV_BIN / "python"), "-m", *argv],
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -873,12 +870,38 @@ def start_demo_feeds(profile: Profile, timeout: float = 20) -> int | None:
         )
     pidfile.write_text(str(proc.pid))
     deadline = time.monotonic() + timeout
-    while not _port_open(port):
+    while not all(_port_open(port) for port in ports.values()):
         if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"dev: the demo feed server did not start; see {logs / f'{DEMO_FEEDS}.log'}")
+            sys.exit(f"dev: the {what} did not start; see {logs / f'{name}.log'}")
         time.sleep(0.1)
-    say(f"started the demo feed server on {url} (pid {proc.pid}, files in {profile.var / 'feeds'})")
-    return proc.pid
+    return proc.pid, True
+
+
+def stop_helper_process(profile: Profile, name: str, what: str) -> None:
+    pidfile = _pidfile(profile, name)
+    pid = _read_pid(pidfile)
+    if pid:
+        say(f"stopping the {what}")
+        _kill(pid)
+    pidfile.unlink(missing_ok=True)
+
+
+def start_demo_feeds(profile: Profile, timeout: float = 20) -> int | None:
+    """Start (or reuse) the demo feed server of ``profile`` in the background; its pid."""
+    url = profile.demo_feeds_url
+    if url is None:
+        return None
+    port = int(url.rsplit(":", 1)[1])
+    period = profile.setting("DEMO_FEEDS_PERIOD_S", "600")
+    argv = ["almanac.demo_feeds", "serve", "--dir", str(profile.var / "feeds"), "--port", str(port),
+            "--period", period]
+    pid, started = start_helper_process(
+        profile, DEMO_FEEDS, "demo feed server", argv, {"DEMO_FEEDS_PORT": port}, timeout=timeout
+    )
+    if not started:
+        return pid
+    say(f"started the demo feed server on {url} (pid {pid}, files in {profile.var / 'feeds'})")
+    return pid
 
 
 def _api(
@@ -939,12 +962,7 @@ def allow_demo_feeds(profile: Profile, env: dict[str, str]) -> None:
 
 
 def stop_demo_feeds(profile: Profile) -> None:
-    pidfile = _pidfile(profile, DEMO_FEEDS)
-    pid = _read_pid(pidfile)
-    if pid:
-        say("stopping the demo feed server")
-        _kill(pid)
-    pidfile.unlink(missing_ok=True)
+    stop_helper_process(profile, DEMO_FEEDS, "demo feed server")
 
 
 # --------------------------------------------------------------------------- notifications
@@ -968,67 +986,30 @@ def start_notify_fakes(profile: Profile, sec: dict[str, str], timeout: float = 2
     ports = profile.notify_fakes
     if ports is None:
         return None
-    pidfile = _pidfile(profile, NOTIFY_FAKES)
-    pid = _read_pid(pidfile)
-    if pid:
-        say(f"notification fakes already running (pid {pid})")
+    argv = [
+        "almanac.notify.fakes", "serve", "--dir", str(profile.outbox_dir),
+        "--smtp-port", str(ports["email"]), "--sms-port", str(ports["sms"]), "--fcm-port", str(ports["push"]),
+        "--fcm-project", NOTIFY_FCM_PROJECT,
+    ]
+    pid, started = start_helper_process(
+        profile, NOTIFY_FAKES, "notification fakes", argv,
+        {"FAKE_SMTP_PORT": ports["email"], "FAKE_SMS_PORT": ports["sms"], "FAKE_FCM_PORT": ports["push"]},
+        # The SMS fake's auth token: in its environment, never on its command line.
+        env={**os.environ, "ALMANAC_FAKES_SMS_AUTH_TOKEN": sec["sms_auth_token"]},
+        timeout=timeout,
+    )
+    if not started:
         return pid
-    names = {"email": "FAKE_SMTP_PORT", "sms": "FAKE_SMS_PORT", "push": "FAKE_FCM_PORT"}
-    for channel, port in ports.items():
-        if _port_open(port):
-            sys.exit(
-                f"dev: port {port} is taken by another program; set {profile.env_prefix}{names[channel]}"
-            )
-    (profile.var / "run").mkdir(parents=True, exist_ok=True)
-    logs = profile.var / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{NOTIFY_FAKES}.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "python"),
-                "-m",
-                "almanac.notify.fakes",
-                "serve",
-                "--dir",
-                str(profile.outbox_dir),
-                "--smtp-port",
-                str(ports["email"]),
-                "--sms-port",
-                str(ports["sms"]),
-                "--fcm-port",
-                str(ports["push"]),
-                "--fcm-project",
-                NOTIFY_FCM_PROJECT,
-            ],
-            # The SMS fake's auth token: in its environment, never on its command line.
-            env={**os.environ, "ALMANAC_FAKES_SMS_AUTH_TOKEN": sec["sms_auth_token"]},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-    pidfile.write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while not all(_port_open(port) for port in ports.values()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"dev: the notification fakes did not start; see {logs / f'{NOTIFY_FAKES}.log'}")
-        time.sleep(0.1)
     say(
         f"started the notification fakes: SMTP 127.0.0.1:{ports['email']}, "
         f"SMS http://127.0.0.1:{ports['sms']}, FCM http://127.0.0.1:{ports['push']} "
-        f"(pid {proc.pid}, what they accept in {profile.outbox_dir})"
+        f"(pid {pid}, what they accept in {profile.outbox_dir})"
     )
-    return proc.pid
+    return pid
 
 
 def stop_notify_fakes(profile: Profile) -> None:
-    pidfile = _pidfile(profile, NOTIFY_FAKES)
-    pid = _read_pid(pidfile)
-    if pid:
-        say("stopping the notification fakes")
-        _kill(pid)
-    pidfile.unlink(missing_ok=True)
+    stop_helper_process(profile, NOTIFY_FAKES, "notification fakes")
 
 
 OAUTH_FAKE = "oauth-fake"  # its pid file and log are named like the Airflow components'
@@ -1042,51 +1023,26 @@ def start_oauth_fake(profile: Profile, sec: dict[str, str], timeout: float = 20)
     if url is None:
         return None
     port = int(url.rsplit(":", 1)[1])
-    pidfile = _pidfile(profile, OAUTH_FAKE)
-    pid = _read_pid(pidfile)
-    if pid:
-        say(f"fake OAuth provider already running (pid {pid})")
+    argv = ["almanac.integrations.fakes", "serve", "--port", str(port), "--client-id", OAUTH_DEMO_CLIENT_ID,
+            "--access-token-ttl", "900"]
+    pid, started = start_helper_process(
+        profile, OAUTH_FAKE, "fake OAuth provider", argv, {"FAKE_OAUTH_PORT": port},
+        # Secrets in its environment, never on its command line.
+        env={
+            **os.environ,
+            "ALMANAC_FAKE_OAUTH_SECRET": sec["oauth_fake_secret"],
+            "ALMANAC_FAKE_OAUTH_CLIENT_SECRET": sec["oauth_client_secret"],
+        },
+        timeout=timeout,
+    )
+    if not started:
         return pid
-    if _port_open(port):
-        sys.exit(f"dev: port {port} is taken by another program; set {profile.env_prefix}FAKE_OAUTH_PORT")
-    (profile.var / "run").mkdir(parents=True, exist_ok=True)
-    logs = profile.var / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{OAUTH_FAKE}.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "python"), "-m", "almanac.integrations.fakes", "serve", "--port", str(port),
-                "--client-id", OAUTH_DEMO_CLIENT_ID, "--access-token-ttl", "900",
-            ],
-            # Secrets in its environment, never on its command line.
-            env={
-                **os.environ,
-                "ALMANAC_FAKE_OAUTH_SECRET": sec["oauth_fake_secret"],
-                "ALMANAC_FAKE_OAUTH_CLIENT_SECRET": sec["oauth_client_secret"],
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-    pidfile.write_text(str(proc.pid))
-    deadline = time.monotonic() + timeout
-    while not _port_open(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"dev: the fake OAuth provider did not start; see {logs / f'{OAUTH_FAKE}.log'}")
-        time.sleep(0.1)
-    say(f"started the fake OAuth provider 'demo' at {url} (pid {proc.pid})")
-    return proc.pid
+    say(f"started the fake OAuth provider 'demo' at {url} (pid {pid})")
+    return pid
 
 
 def stop_oauth_fake(profile: Profile) -> None:
-    pidfile = _pidfile(profile, OAUTH_FAKE)
-    pid = _read_pid(pidfile)
-    if pid:
-        say("stopping the fake OAuth provider")
-        _kill(pid)
-    pidfile.unlink(missing_ok=True)
+    stop_helper_process(profile, OAUTH_FAKE, "fake OAuth provider")
 
 
 def load_demo_integrations(profile: Profile, env: dict[str, str], sec: dict[str, str]) -> int:

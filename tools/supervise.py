@@ -79,13 +79,15 @@ def _tree(pid: int) -> list:
 
 
 def stop_tree(child: subprocess.Popen, grace: float = _TERM_GRACE_S) -> None:
-    """SIGTERM ``child`` and its descendants; SIGKILL whatever is left after ``grace`` seconds."""
+    """SIGTERM (then SIGCONT) ``child`` and its descendants; SIGKILL whatever is left after
+    ``grace`` seconds."""
     import psutil
 
     procs = _tree(child.pid)
     for proc in procs:
         try:
             proc.terminate()
+            proc.resume()  # SIGCONT after SIGTERM, as systemd does: a stopped process gets to exit
         except psutil.NoSuchProcess:
             pass
     _gone, alive = psutil.wait_procs(procs, timeout=grace)

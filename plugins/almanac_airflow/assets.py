@@ -11,6 +11,22 @@ __all__ = ["ICS_CALENDARS_CHANGED"]
 ICS_CALENDARS_CHANGED = Asset("almanac://ics/calendars-changed")
 
 
+def _stream_asset(requests, uri: str, watcher_name: str):
+    """An Asset watched on the Redis request stream of ``requests`` (an ``almanac.*.requests``
+    module: ``STREAM_KEY``, ``CONSUMER_GROUP``, ``PARSER``, ``DEAD_LETTER_STREAM``)."""
+    from airflow.sdk import AssetWatcher
+
+    from almanac_airflow.triggers import RedisStreamTrigger
+
+    trigger = RedisStreamTrigger(
+        stream=requests.STREAM_KEY,
+        group=requests.CONSUMER_GROUP,
+        parser=requests.PARSER,
+        dead_letter_stream=requests.DEAD_LETTER_STREAM,
+    )
+    return Asset(uri, watchers=[AssetWatcher(name=watcher_name, trigger=trigger)])
+
+
 def ics_sync_requests():
     """The Asset the product's backend feeds through Redis (see ``almanac_airflow.triggers``).
 
@@ -20,19 +36,9 @@ def ics_sync_requests():
     ``DEAD_LETTER_STREAM``. Built on call rather than at import so that only the DAG that
     watches it creates the watcher (one watcher, one consumer of the stream).
     """
-    from airflow.sdk import AssetWatcher
-
     from almanac.ics import requests
-    from almanac_airflow.triggers import RedisStreamTrigger
 
-    trigger = RedisStreamTrigger(
-        stream=requests.STREAM_KEY,
-        group=requests.CONSUMER_GROUP,
-        parser=requests.PARSER,
-        dead_letter_stream=requests.DEAD_LETTER_STREAM,
-    )
-    watcher = AssetWatcher(name="ics_sync_requests", trigger=trigger)
-    return Asset("almanac://ics/sync-requests", watchers=[watcher])
+    return _stream_asset(requests, "almanac://ics/sync-requests", "ics_sync_requests")
 
 
 def oauth_refresh_requests():
@@ -42,16 +48,6 @@ def oauth_refresh_requests():
     ``{"payload": {"integration_id": N, "request_id": "<entry id>"}}``. Built on call, like
     ``ics_sync_requests``, so only ``oauth_token_refresh`` creates the watcher.
     """
-    from airflow.sdk import AssetWatcher
-
     from almanac.integrations import requests
-    from almanac_airflow.triggers import RedisStreamTrigger
 
-    trigger = RedisStreamTrigger(
-        stream=requests.STREAM_KEY,
-        group=requests.CONSUMER_GROUP,
-        parser=requests.PARSER,
-        dead_letter_stream=requests.DEAD_LETTER_STREAM,
-    )
-    watcher = AssetWatcher(name="oauth_refresh_requests", trigger=trigger)
-    return Asset("almanac://oauth/refresh-requests", watchers=[watcher])
+    return _stream_asset(requests, "almanac://oauth/refresh-requests", "oauth_refresh_requests")

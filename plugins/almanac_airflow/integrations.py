@@ -116,6 +116,16 @@ def refresher(
     return Refresher(token_cipher(), providers or Providers(), leases, options, sleep=sleep)
 
 
+def _batches(ids: list[int], settings, extra: dict) -> list[dict]:
+    """Both DAGs' integrations, cut into mapped batches (``oauth_batch_*``), each carrying ``extra``."""
+    from almanac.batches import plan_batches
+
+    return plan_batches(
+        ids, noun="integrations", min_size=settings.oauth_batch_min, max_size=settings.oauth_batch_max,
+        target_count=settings.oauth_batch_target_count, extra=extra,
+    )
+
+
 # --- oauth_token_refresh -----------------------------------------------------------------
 
 
@@ -142,7 +152,6 @@ def plan_refresh(context, asset) -> list[dict]:
     """Plan one run of ``oauth_token_refresh``: the integrations due by the data-interval end
     (scheduled, backfill), or the ones asked for (``integration_id(s)`` params, Redis requests,
     ``integration_health``), cut into batches carrying the run's mode."""
-    from almanac.batches import plan_batches
     from almanac.integrations.store import due_for_refresh
     from almanac_airflow.hooks import app_db
     from almanac_airflow.runs import interval_end
@@ -159,14 +168,7 @@ def plan_refresh(context, asset) -> list[dict]:
             ids = due_for_refresh(conn, before)
         mode = {"due_before": before.isoformat()}
         log.info("%d integration(s) due for refresh before %s", len(ids), before.isoformat())
-    return plan_batches(
-        ids,
-        noun="integrations",
-        min_size=settings.oauth_batch_min,
-        max_size=settings.oauth_batch_max,
-        target_count=settings.oauth_batch_target_count,
-        extra=mode,
-    )
+    return _batches(ids, settings, mode)
 
 
 def refresh_work(batch: dict, context) -> list[ItemResult]:
@@ -197,7 +199,6 @@ def refresh_work(batch: dict, context) -> list[ItemResult]:
 
 def plan_health(context) -> list[dict]:
     """Plan one sweep: ``active``/``expired`` integrations not checked since the data-interval end."""
-    from almanac.batches import plan_batches
     from almanac.integrations.store import due_for_health_check
     from almanac_airflow.hooks import app_db
     from almanac_airflow.runs import interval_end
@@ -208,14 +209,7 @@ def plan_health(context) -> list[dict]:
     with app_db() as conn:
         ids = due_for_health_check(conn, since)
     log.info("%d integration(s) to check (not checked since %s)", len(ids), since.isoformat())
-    return plan_batches(
-        ids,
-        noun="integrations",
-        min_size=settings.oauth_batch_min,
-        max_size=settings.oauth_batch_max,
-        target_count=settings.oauth_batch_target_count,
-        extra={"checked_since": since.isoformat()},
-    )
+    return _batches(ids, settings, {"checked_since": since.isoformat()})
 
 
 def health_work(batch: dict, context) -> list[ItemResult]:

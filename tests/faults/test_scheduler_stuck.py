@@ -77,7 +77,7 @@ def test_a_stuck_scheduler_is_restarted_by_its_liveness_probe_and_runs_are_sched
         now = _scheduler(dev_module, profile)
         return now is not None and now.pid != stuck.pid and now
 
-    # Stale after 10 s, failing for 20 s more, SIGTERM ignored while stopped: SIGKILL after 15 s.
+    # Stale after 10 s, failing for 20 s more: SIGTERM + SIGCONT, and the scheduler shuts down.
     fresh = wait_for(restarted, timeout=150, interval=1, what="the supervisor to restart the scheduler")
     said = log.read_bytes()[log_start:].decode(errors="replace")
     assert "is alive but failing its health check" in said and "(HTTP 503" in said, said[-2000:]

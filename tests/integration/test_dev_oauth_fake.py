@@ -16,6 +16,7 @@ from almanac.integrations.demo import DEMO_PROVIDER, connect_demo_integrations
 from almanac.integrations.providers import ProviderConfig
 from almanac.integrations.refresh import Refresher
 from almanac.leases import LeaseKeeper
+from tests.support.db import lent
 from tests.support.dev_tool import free_port, load_dev_module
 
 PREFIX = "ALMANAC_OAUTHTEST_"
@@ -73,7 +74,7 @@ def test_the_demo_grants_refresh_through_the_oauth_demo_connection(dev, profile,
         pid = dev.start_oauth_fake(profile, sec)  # a restart: the same secret, the same grants valid
         with LeaseKeeper(redis_client, "dev-test") as leases:
             refresher = Refresher(cipher, lambda name: demo, leases, sleep=lambda s: None)
-            results = {r.item_id: r for r in refresher.refresh_many(lambda: _Lent(db), ids, parallel=1)}
+            results = {r.item_id: r for r in refresher.refresh_many(lambda: lent(db), ids, parallel=1)}
     finally:
         dev.stop_oauth_fake(profile)
     statuses = [results[i].status for i in ids]
@@ -82,17 +83,6 @@ def test_the_demo_grants_refresh_through_the_oauth_demo_connection(dev, profile,
     told = db.execute("SELECT user_id, kind FROM notifications").fetchall()
     assert told == [(1, "integration_revoked")]  # the tenant's owner (its first user), once
     assert dev._read_pid(dev._pidfile(profile, dev.OAUTH_FAKE)) is None
-
-
-class _Lent:
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    def __enter__(self):
-        return self.conn
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def test_the_test_profile_has_no_oauth_fake(dev):

@@ -19,6 +19,7 @@ from almanac.integrations.providers import ProviderConfig
 from almanac.integrations.refresh import IntegrationUnusableError, Refresher, RefreshOptions, plain_session
 from almanac.leases import LeaseKeeper, lease_key
 from almanac.retry import RetryPolicy
+from tests.support.db import lent
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 OWNER, ALICE, BOB = 1, 2, 3
@@ -142,26 +143,13 @@ def test_due_means_expiring_before_the_interval_end_plus_lead_and_a_backfill_fin
     assert store.due_for_refresh(db, NOW + timedelta(minutes=26)) == [soon, later]
 
     refresher = refresher_for()
-    [result] = refresher.refresh_many(lambda: _Borrowed(db), [soon], due_before=NOW)
+    [result] = refresher.refresh_many(lambda: lent(db), [soon], due_before=NOW)
     assert result.status == "updated" and result.counts["refreshed"] == 1
     # Refreshed now (the real clock): its next refresh is an hour - 5 min away, past any earlier end.
     assert store.due_for_refresh(db, NOW + timedelta(minutes=26)) == [later]
     again = refresher.refresh(db, soon, due_before=NOW)  # a retry / rerun / backfill of that window
     assert again.status == "unchanged"
     assert provider.state.refreshes() == 1
-
-
-class _Borrowed:
-    """A context manager lending an open connection (``refresh_many`` wants a factory)."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    def __enter__(self):
-        return self.conn
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def test_a_refresh_stores_the_new_access_token_encrypted_and_schedules_the_next_one(
@@ -308,7 +296,7 @@ def test_a_provider_that_answers_garbage_or_too_slowly_costs_only_its_integratio
     good, _ = _connect(db, cipher, provider, BOB, subject="bob")
     refresher = refresher_for()
     refresher.options = RefreshOptions(policy=RetryPolicy(attempts=1, timeout_s=0.5))
-    results = {r.item_id: r for r in refresher.refresh_many(lambda: _Borrowed(db), [bad, good], parallel=1)}
+    results = {r.item_id: r for r in refresher.refresh_many(lambda: lent(db), [bad, good], parallel=1)}
     assert results[bad].status == "error" and expected in results[bad].error
     assert results[good].status == "updated"
 
@@ -427,7 +415,7 @@ def test_health_records_healthy_expired_revoked_and_error_and_never_retries(
     summary = {
         r.item_id: r
         for r in _checker(cipher, provider).check_many(
-            lambda: _Borrowed(db), [healthy, expired, gone], checked_since=since, parallel=1
+            lambda: lent(db), [healthy, expired, gone], checked_since=since, parallel=1
         )
     }
 
@@ -444,12 +432,12 @@ def test_health_records_healthy_expired_revoked_and_error_and_never_retries(
     db.commit()
     before = len(provider.state.userinfo_requests)
     provider.fail_next(1, 503, endpoint="userinfo")
-    [result] = _checker(cipher, provider).check_many(lambda: _Borrowed(db), [healthy], checked_since=since)
+    [result] = _checker(cipher, provider).check_many(lambda: lent(db), [healthy], checked_since=since)
     assert result.counts == {"error": 1} and "503" in result.detail["reason"]
     assert len(provider.state.userinfo_requests) == before + 1
     assert _row(db, healthy)["health_status"] == "error" and _row(db, healthy)["status"] == "active"
     # A retry of the same run skips what it checked.
-    [again] = _checker(cipher, provider).check_many(lambda: _Borrowed(db), [healthy], checked_since=since)
+    [again] = _checker(cipher, provider).check_many(lambda: lent(db), [healthy], checked_since=since)
     assert again.status == "skipped" and len(provider.state.userinfo_requests) == before + 1
 
 

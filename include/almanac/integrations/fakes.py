@@ -61,7 +61,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import string
 import sys
@@ -72,6 +71,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlsplit
+
+from almanac.signals import StopSignals
 
 __all__ = [
     "BAD_JSON_BODY",
@@ -854,14 +855,9 @@ def _serve(args: argparse.Namespace) -> int:
         access_token_ttl=args.access_token_ttl, rotate_refresh_tokens=args.rotate,
         slow_seconds=args.slow_seconds, secret=secret,
     )
-    # The handler only sets a flag, polled below: the kernel may deliver the signal to any thread,
-    # and a main thread blocked on a lock would then never run it (nor may a handler take a lock).
-    stopping: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
+    stop = StopSignals()
     with fake:
-        while not stopping:
-            time.sleep(0.2)
+        stop.wait()
     log.info("stopped")
     return 0
 

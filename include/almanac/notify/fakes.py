@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -53,6 +52,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from almanac.signals import StopSignals
 
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
@@ -1131,11 +1132,7 @@ def _serve(args: argparse.Namespace) -> int:
     fcm = FakeFcm(info["project_id"], folder, private_key_pem=info["private_key"],
                   private_key_id=info["private_key_id"], client_email=info["client_email"],
                   host=args.host, port=args.fcm_port, slow_seconds=args.slow_seconds)
-    # The handler only sets a flag, polled below: the kernel may deliver the signal to any thread,
-    # and a main thread blocked on a lock would then never run it (nor may a handler take a lock).
-    stopping: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
+    stop = StopSignals()  # before starting: a signal meanwhile still stops them cleanly
     started = []
     try:
         for fake in (smtp, sms, fcm):
@@ -1145,8 +1142,7 @@ def _serve(args: argparse.Namespace) -> int:
             "serving: smtp %s:%s, sms %s (account %s), fcm %s (project %s); writing to %s",
             args.host, smtp.port, sms.url, args.sms_account_sid, fcm.url, fcm.project_id, folder,
         )
-        while not stopping:
-            time.sleep(0.2)
+        stop.wait()
     finally:
         for fake in reversed(started):
             fake.stop()

@@ -23,7 +23,9 @@ and `next_refresh_at` moves to the new expiry minus the lead time.
 
 ### Params
 `integration_id` (integer) or `integration_ids` (list): refresh just these now. Empty: the
-scheduled selection.
+scheduled selection. `requested_at` (ISO 8601 with offset, optional): with those, skip an
+integration refreshed at or after it (default: the trigger time); `integration_health` passes
+the start of its checks, so a refresh made meanwhile is not made twice.
 
 ### Assets
 In: `almanac://oauth/refresh-requests` (extra `payload`: `{"integration_id", "request_id"}`).
@@ -93,6 +95,16 @@ REFRESH_REQUESTS = oauth_refresh_requests()
             minimum=1,
             title="Integration id",
             description="Refresh this integration now (an id in the integrations table), due or not.",
+        ),
+        "requested_at": Param(
+            None,
+            type=["null", "string"],
+            format="date-time",
+            title="Not refreshed since",
+            description=(
+                "With integration_id(s): skip those refreshed at or after this instant (default: "
+                "when the run was triggered). integration_health passes the start of its checks."
+            ),
         ),
         "integration_ids": Param(
             None,

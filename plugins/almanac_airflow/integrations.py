@@ -121,8 +121,12 @@ def _batches(ids: list[int], settings, extra: dict) -> list[dict]:
     from almanac.batches import plan_batches
 
     return plan_batches(
-        ids, noun="integrations", min_size=settings.oauth_batch_min, max_size=settings.oauth_batch_max,
-        target_count=settings.oauth_batch_target_count, extra=extra,
+        ids,
+        noun="integrations",
+        min_size=settings.oauth_batch_min,
+        max_size=settings.oauth_batch_max,
+        target_count=settings.oauth_batch_target_count,
+        extra=extra,
     )
 
 
@@ -148,6 +152,21 @@ def _requested_ids(context, asset) -> list[int] | None:
     return None
 
 
+def _requested_at(context) -> datetime:
+    """The instant an asked-for refresh must be newer than: the ``requested_at`` param (what
+    ``integration_health`` passes: when it found the tokens refused), else the run's ``run_after``."""
+    raw = (context.get("params") or {}).get("requested_at")
+    if not raw:
+        return context["dag_run"].run_after
+    try:
+        when = datetime.fromisoformat(str(raw))
+    except ValueError:
+        raise ConfigError(f"param requested_at is not an ISO 8601 instant: {str(raw)[:40]!r}") from None
+    if when.tzinfo is None:
+        raise ConfigError("param requested_at needs a UTC offset (e.g. 2026-06-01T12:00:00+00:00)")
+    return when
+
+
 def plan_refresh(context, asset) -> list[dict]:
     """Plan one run of ``oauth_token_refresh``: the integrations due by the data-interval end
     (scheduled, backfill), or the ones asked for (``integration_id(s)`` params, Redis requests,
@@ -160,7 +179,7 @@ def plan_refresh(context, asset) -> list[dict]:
     settings = load_settings()
     requested = _requested_ids(context, asset)
     if requested is not None:
-        ids, mode = requested, {"requested_at": context["dag_run"].run_after.isoformat()}
+        ids, mode = requested, {"requested_at": _requested_at(context).isoformat()}
         log.info("refreshing %d requested integration(s): %s", len(ids), ids[:20])
     else:
         before = interval_end(context)
@@ -209,6 +228,7 @@ def plan_health(context) -> list[dict]:
     with app_db() as conn:
         ids = due_for_health_check(conn, since)
     log.info("%d integration(s) to check (not checked since %s)", len(ids), since.isoformat())
+    context["ti"].xcom_push(key="checked_since", value=since.isoformat())
     return _batches(ids, settings, {"checked_since": since.isoformat()})
 
 
@@ -256,7 +276,12 @@ def trigger_refresh_of_expired(context, *, summary_task_id: str = "summarize") -
     raise DagRunTriggerException(
         trigger_dag_id="oauth_token_refresh",
         dag_run_id=f"integration_health__{context['run_id']}",
-        conf={"integration_ids": expired},
+        # A refresh made after this sweep's checks began serves the request too (e.g. a scheduled
+        # run that found them due, since a check makes an expired integration due at once).
+        conf={
+            "integration_ids": expired,
+            "requested_at": context["ti"].xcom_pull(task_ids="plan_batches", key="checked_since"),
+        },
         logical_date=None,
         reset_dag_run=False,
         skip_when_already_exists=True,

@@ -122,6 +122,17 @@ def test_the_integration_id_param_refreshes_that_one_now_whether_due_or_not(db, 
     assert _status(db, wanted)[2] is True and _status(db, other)[2] is False
 
 
+def test_requested_at_skips_what_was_refreshed_since(db, acme):
+    wanted = _connect(db, acme, 1, expires_at=LOGICAL + timedelta(days=1))
+    dag = _dag("oauth_token_refresh")
+    first = dag.test(logical_date=LOGICAL, run_conf={"integration_ids": [wanted], "requested_at": None})
+    assert first.state == "success" and acme.state.refreshes() == 1
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()  # before that refresh: served
+    again = dag.test(logical_date=LOGICAL, run_conf={"integration_ids": [wanted], "requested_at": since})
+    assert again.state == "success" and acme.state.refreshes() == 1
+    assert _total(again)["successCount"] == 1 and _total(again)["refreshed"] == 0
+
+
 def test_the_health_sweep_records_each_state_and_triggers_a_refresh_for_the_expired(db, acme):
     healthy = _connect(db, acme, 1, expires_at=datetime.now(UTC) + timedelta(hours=1))
     expired = _connect(db, acme, 2, expires_at=datetime.now(UTC) + timedelta(hours=1))

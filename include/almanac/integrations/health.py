@@ -106,12 +106,11 @@ class HealthChecker:
 
     def _check(self, conn, integration_id: int, checked_since: datetime) -> ItemResult:
         row = store.load(conn, [integration_id]).get(integration_id)
-        before = self._health_before(conn, integration_id)
         conn.commit()
         if row is None or row.status not in ("active", "expired"):
             reason = "no such integration" if row is None else f"integration {row.status}"
             return ItemResult(integration_id, "skipped", error=reason)
-        if before["checked_at"] is not None and before["checked_at"] >= checked_since:
+        if row.last_health_check_at is not None and row.last_health_check_at >= checked_since:
             return ItemResult(integration_id, "skipped", error="checked by this run already")
         now = self.clock()
         try:
@@ -129,10 +128,10 @@ class HealthChecker:
         conn.commit()
         if health == "error":
             log.warning("integration %s (%s): health check failed: %s", row.id, row.provider, detail)
-        changed = before["health"] != health
+        changed = row.health_status != health
         detail_out: dict = {}
         if changed or health == "expired":  # expired: listed every time (a refresh is triggered)
-            detail_out = {"healthFrom": before["health"], "healthTo": health}
+            detail_out = {"healthFrom": row.health_status, "healthTo": health}
             if health != "healthy":
                 detail_out["reason"] = detail
         return ItemResult(row.id, "updated" if changed else "unchanged", {health: 1}, detail=detail_out)
@@ -160,13 +159,6 @@ class HealthChecker:
                 return "expired", answer.detail
             return "revoked", f"{answer.detail}, and no refresh token: the user must connect it again"
         return "error", answer.detail
-
-    @staticmethod
-    def _health_before(conn, integration_id: int) -> dict:
-        row = conn.execute(
-            "SELECT health_status, last_health_check_at FROM integrations WHERE id = %s", (integration_id,)
-        ).fetchone()
-        return {"health": row[0], "checked_at": row[1]} if row else {"health": None, "checked_at": None}
 
     def _session(self):
         session = getattr(self._sessions, "session", None)

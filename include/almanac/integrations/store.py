@@ -49,7 +49,7 @@ MAX_ERROR_CHARS = 1000
 _COLUMNS = (
     "id, tenant_id, user_id, provider, account_subject, scopes, status, refresh_token_enc, "
     "access_token_enc, access_token_expires_at, last_refresh_at, next_refresh_at, "
-    "consecutive_failures, revoked_at, last_error"
+    "consecutive_failures, revoked_at, last_error, health_status, last_health_check_at"
 )
 
 
@@ -72,6 +72,8 @@ class Integration:
     consecutive_failures: int
     revoked_at: datetime | None
     last_error: str | None = None
+    health_status: str | None = None
+    last_health_check_at: datetime | None = None
 
 
 def next_refresh_after(expires_at: datetime, lead: timedelta) -> datetime:

@@ -9,6 +9,8 @@
     almanac notifications dead    dead and uncertain notifications, newest first (JSON lines)
     almanac notifications retry ID  send a dead, uncertain or failed notification again
     almanac notifications enqueue --user ID --channel C --body TEXT   put one message in the outbox
+    almanac integrations list [--tenant ID]   connected accounts: state, refresh, health (JSON lines)
+    almanac integrations reencrypt  re-encrypt every stored token with the first key (key rotation)
 
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
@@ -91,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--key", help="idempotency key (default: a new one, so each call is a new message)")
     new.add_argument("--tenant", type=int, help="default: the user's tenant")
 
+    accounts = groups.add_parser("integrations", help="connected accounts").add_subparsers(
+        dest="command", required=True
+    )
+    listing = accounts.add_parser("list", help="each integration's state (the view integration_states)")
+    listing.add_argument("--tenant", type=int, help="only this tenant's")
+    accounts.add_parser(
+        "reencrypt",
+        help="re-encrypt every stored token with the first key of almanac_token_fernet_key "
+        "(AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY = new_key,old_key); then the old key can go",
+    )
     sync = ics.add_parser("sync", help="sync one calendar now, as the DAG does")
     sync.add_argument("calendar_id", type=int)
     sync.add_argument(
@@ -208,6 +220,23 @@ def _run(args: argparse.Namespace, conn) -> int:
         return 0 if summary["errorCount"] == 0 else 1
     elif args.group == "notifications":
         return _notifications(args, conn)
+    elif args.group == "integrations":
+        return _integrations(args, conn)
+    return 0
+
+
+def _integrations(args: argparse.Namespace, conn) -> int:
+    from almanac.integrations import store
+
+    if args.command == "list":
+        for row in store.states(conn, tenant_id=args.tenant):
+            print(json.dumps(row, default=str))
+    elif args.command == "reencrypt":
+        from almanac.google.crypto import TokenCipher
+
+        keys = os.environ.get("AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY", "")
+        done = store.reencrypt(conn, TokenCipher(keys))
+        print(f"re-encrypted the tokens of {done} integration(s) with the first key")
     return 0
 
 

@@ -327,3 +327,55 @@ def test_notifications_enqueue_stats_dead_and_retry(db):
         "notifications", "enqueue", "--channel", "push", "--to", "+1555", "--tenant", "1", "--body", "x"
     )
     assert bad.returncode == 2 and "user_id is required" in bad.stderr
+
+
+# --- connected accounts ----------------------------------------------------------------------
+
+
+def test_integrations_reencrypt_moves_every_token_to_the_new_key_and_list_shows_no_token(db):
+    from datetime import UTC, datetime, timedelta
+
+    from almanac.google.crypto import TokenCipher, generate_key
+    from almanac.integrations import store
+
+    old, new = generate_key(), generate_key()
+    db.execute("INSERT INTO tenants (id, name) VALUES (1, 't')")
+    for user_id in (1, 2):
+        db.execute(
+            "INSERT INTO users (id, tenant_id, name, email) VALUES (%s, 1, 'u', %s)",
+            (user_id, f"u{user_id}@x.test"),
+        )
+        store.connect(
+            db,
+            TokenCipher(old),
+            tenant_id=1,
+            user_id=user_id,
+            provider="acme",
+            refresh_token=f"rt-{user_id}",
+            access_token=f"at-{user_id}" if user_id == 1 else None,
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+            now=datetime.now(UTC),
+        )
+    db.commit()
+
+    out = almanac("integrations", "reencrypt", env={"AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY": f"{new},{old}"})
+    assert out.returncode == 0, out.stderr
+    assert "2 integration(s)" in out.stdout
+    rows = db.execute(
+        "SELECT user_id, refresh_token_enc, access_token_enc FROM integrations ORDER BY 1"
+    ).fetchall()
+    db.commit()
+    only_new = TokenCipher(new)
+    assert [(only_new.decrypt(r), a and only_new.decrypt(a)) for _, r, a in rows] == [
+        ("rt-1", "at-1"),
+        ("rt-2", None),
+    ]
+    # Without the key the tokens were encrypted with: one line naming the Variable, nothing written.
+    lost = almanac("integrations", "reencrypt", env={"AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY": old})
+    assert lost.returncode == 2 and lost.stderr.startswith("almanac: cannot re-encrypt")
+
+    listed = almanac("integrations", "list", "--tenant", "1")
+    assert listed.returncode == 0, listed.stderr
+    states = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [s["user_id"] for s in states] == [1, 2] and all(s["status"] == "active" for s in states)
+    assert "rt-1" not in listed.stdout and not any("token_enc" in key for key in states[0])

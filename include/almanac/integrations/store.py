@@ -40,6 +40,7 @@ __all__ = [
     "record_health",
     "record_refresh",
     "record_refresh_failure",
+    "reencrypt",
     "states",
 ]
 
@@ -353,3 +354,39 @@ def states(conn, *, tenant_id: int | None = None, ids: Sequence[int] | None = No
             {"tenant": tenant_id, "ids": list(ids) if ids is not None else None},
         )
         return cur.fetchall()
+
+
+def reencrypt(conn, cipher: TokenCipher, *, batch_size: int = 500) -> int:
+    """Re-encrypt every stored token with ``cipher``'s first key (after a key rotation: the
+    Variable holds ``new_key,old_key``; once this has run, the old key can be dropped). Batches of
+    ``batch_size`` rows, each row locked and committed; idempotent. Returns the rows rewritten.
+    Raises ``TokenDecryptError`` for a token none of the keys decrypts (nothing of its batch written).
+    """
+    done, after = 0, 0
+    while True:
+        rows = conn.execute(
+            """
+            SELECT id, refresh_token_enc, access_token_enc FROM integrations
+             WHERE id > %s AND (refresh_token_enc IS NOT NULL OR access_token_enc IS NOT NULL)
+             ORDER BY id LIMIT %s FOR UPDATE
+            """,
+            (after, batch_size),
+        ).fetchall()
+        if not rows:
+            conn.commit()
+            return done
+        with conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE integrations SET refresh_token_enc = %s, access_token_enc = %s WHERE id = %s",
+                [
+                    (
+                        cipher.rotate(refresh) if refresh else None,
+                        cipher.rotate(access) if access else None,
+                        iid,
+                    )
+                    for iid, refresh, access in rows
+                ],
+            )
+        conn.commit()
+        done += len(rows)
+        after = rows[-1][0]

@@ -89,6 +89,12 @@ class Kind:
     id_key: str
     counters: tuple[str, ...] = ()
     changed_key: str | None = None
+    #: whether ``updated`` items are listed in ``results`` (False for jobs that update most items
+    #: every run, e.g. token refreshes: the counters say it, failures are still listed).
+    list_updated: bool = True
+    #: at most this many entries in ``results`` (the rest counted in ``resultsOmitted``): a run
+    #: total lives in XCom, in the metadata database.
+    max_results: int | None = None
 
     @property
     def total_key(self) -> str:
@@ -126,7 +132,13 @@ def summarize_batch(
     """
     failed = [r for r in results if r.status in FAILED_STATUSES]
     # Unchanged items are only counted, unless they carry something to show (warnings...).
-    listed = [r for r in results if keep_unchanged or r.status != "unchanged" or r.detail]
+    listed = [
+        r
+        for r in results
+        if keep_unchanged
+        or r.detail
+        or (r.status != "unchanged" and (kind.list_updated or r.status != "updated"))
+    ]
     summary: dict[str, Any] = {
         kind.total_key: len(results),
         "successCount": sum(r.status in SUCCESS_STATUSES for r in results),
@@ -138,7 +150,9 @@ def summarize_batch(
         summary[name] = sum(r.counts.get(name, 0) for r in results)
     if kind.changed_key:
         summary[kind.changed_key] = [r.item_id for r in results if r.status == "updated"]
-    summary["results"] = [r.as_dict(kind) for r in listed]
+    summary["results"] = [r.as_dict(kind) for r in listed[: kind.max_results]]
+    if kind.max_results is not None and len(listed) > kind.max_results:
+        summary["resultsOmitted"] = len(listed) - kind.max_results
     summary["batchFailed"] = 100 * len(failed) / max(1, len(results)) > failure_percent
     summary["permanentOnly"] = bool(failed) and all(r.permanent for r in failed)
     return summary
@@ -182,8 +196,14 @@ def combine_summaries(kind: Kind, summaries: Iterable[dict | None], *, planned: 
         if kind.changed_key:
             total[kind.changed_key] += summary.get(kind.changed_key, [])
         total["results"] += summary.get("results", [])
+        total["resultsOmitted"] = total.get("resultsOmitted", 0) + summary.get("resultsOmitted", 0)
     if kind.changed_key:
         total[kind.changed_key] = sorted(set(total[kind.changed_key]))
+    if kind.max_results is not None and len(total["results"]) > kind.max_results:
+        total["resultsOmitted"] += len(total["results"]) - kind.max_results
+        total["results"] = total["results"][: kind.max_results]
+    if not total.get("resultsOmitted"):
+        total.pop("resultsOmitted", None)
     total["batches"] = seen
     total["failedBatches"] = failed + max(0, (planned if planned is not None else seen) - seen)
     total["complete"] = not (total["errorCount"] or total["busyCount"] or total["failedBatches"])

@@ -11,6 +11,7 @@
     almanac notifications enqueue --user ID --channel C --body TEXT   put one message in the outbox
     almanac integrations list [--tenant ID]   connected accounts: state, refresh, health (JSON lines)
     almanac integrations reencrypt  re-encrypt every stored token with the first key (key rotation)
+    almanac integrations retry [ID ...]  make `error` integrations (all, or these) due for refresh again
 
 The database is ``--db-url``, else ``ALMANAC_APP_DB_URL``; Redis (leases) ``ALMANAC_REDIS_URL``.
 Job settings: defaults, overridden by the JSON in ``AIRFLOW_VAR_ALMANAC_SETTINGS`` (the same
@@ -98,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing = accounts.add_parser("list", help="each integration's state (the view integration_states)")
     listing.add_argument("--tenant", type=int, help="only this tenant's")
+    again_accounts = accounts.add_parser(
+        "retry", help="make integrations in status error (all, or these ids) due for refresh at once"
+    )
+    again_accounts.add_argument("ids", nargs="*", type=int)
     accounts.add_parser(
         "reencrypt",
         help="re-encrypt every stored token with the first key of almanac_token_fernet_key "
@@ -237,6 +242,10 @@ def _integrations(args: argparse.Namespace, conn) -> int:
         keys = os.environ.get("AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY", "")
         done = store.reencrypt(conn, TokenCipher(keys))
         print(f"re-encrypted the tokens of {done} integration(s) with the first key")
+    elif args.command == "retry":
+        ids = store.retry_errored(conn, ids=args.ids or None, now=datetime.now(UTC))
+        conn.commit()
+        print(f"{len(ids)} integration(s) due for refresh again: {ids[:50]}")
     return 0
 
 

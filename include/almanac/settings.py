@@ -127,8 +127,8 @@ class Settings:
     oauth_batch_min: int = 50
     oauth_batch_max: int = 1000
     oauth_batch_target_count: int = 8
-    #: A refresh batch fails (and the failure notifier alerts) when more than this share of its
-    #: integrations failed to refresh, in percent (revocations are not failures).
+    #: A refresh run fails (``summarize``; the failure notifier alerts) when more than this share
+    #: of its integrations failed to refresh, in percent (revocations are not failures).
     oauth_refresh_failure_percent: int = 20
 
     # --- Notifications (outbox dispatch) ---------------------------------------------

@@ -39,7 +39,14 @@ from almanac.batches import ItemResult, Kind, combine_summaries, summarize_batch
 from almanac.errors import PermanentError, RetryableError
 from almanac.imports import resolve
 
-__all__ = ["BatchFailedError", "BatchPermanentlyFailedError", "mapped_batches", "run_batch", "summarize_run"]
+__all__ = [
+    "BatchFailedError",
+    "BatchPermanentlyFailedError",
+    "batch_summaries",
+    "mapped_batches",
+    "run_batch",
+    "summarize_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,8 @@ def run_batch(
     return summary
 
 
-def _pulled_summaries(ti, task_id: str) -> list[dict]:
+def batch_summaries(ti, task_id: str) -> list[dict]:
+    """The summaries the mapped task ``task_id`` of this run pushed (one per batch that got that far)."""
     pulled = ti.xcom_pull(task_ids=task_id, key="summary")
     return [s for s in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if s]
 
@@ -104,7 +112,7 @@ def summarize_run(
     plan = ti.xcom_pull(task_ids=plan_task_id)
     if plan is None:  # the planner failed (or was skipped): nothing was done, the run must show it
         raise AirflowFailException(f"{plan_task_id} did not succeed; nothing was done")
-    total = combine_summaries(kind, _pulled_summaries(ti, work_task_id), planned=len(plan))
+    total = combine_summaries(kind, batch_summaries(ti, work_task_id), planned=len(plan))
     ti.xcom_push(key="total", value=total)
     log.info(
         "%s: %s; %d of %d batch(es) failed; %s",
@@ -128,7 +136,7 @@ def summarize_run(
 def announced_ids(kind: Kind, context, *, work_task_id: str) -> list[int]:
     """The ids every batch of this run reported ``updated`` (failed batches included)."""
     return sorted(
-        {i for s in _pulled_summaries(context["ti"], work_task_id) for i in s.get(kind.changed_key, [])}
+        {i for s in batch_summaries(context["ti"], work_task_id) for i in s.get(kind.changed_key, [])}
     )
 
 
@@ -140,6 +148,7 @@ def mapped_batches(
     failure_percent: Callable[[Any], int],
     task_id: str = "work_batch",
     alert_percent: Callable[[Any], int] | None = None,
+    also: list | None = None,
     announce=None,
     announce_key: str | None = None,
     **work_task_kwargs: Any,
@@ -161,6 +170,9 @@ def mapped_batches(
         task_id: the mapped task's id (``sync_batch``, ``push_batch`` ...).
         announce: an Asset to emit naming the changed ids (``kind.changed_key`` needed).
         announce_key: the key of the ids in the asset event's extra (default ``calendar_ids``).
+        also: more tasks (``all_done``, reading ``batch_summaries``) to run after the batches as
+            leaves of their own, beside ``summarize`` (not after it: the run's state stays
+            ``summarize``'s, whatever they end as).
         work_task_kwargs: per-task limits for the mapped task (``pool``, ``max_active_tis_per_dag``...).
     Returns:
         The ``summarize`` XComArg.
@@ -207,5 +219,6 @@ def mapped_batches(
             return changed
 
         leaves.append(announce_changes())
+    leaves += list(also or [])
     batches >> leaves
     return total

@@ -257,7 +257,7 @@ def health_work(batch: dict, context) -> list[ItemResult]:
     )
 
 
-def trigger_refresh_of_expired(context, *, summary_task_id: str = "summarize") -> list[int]:
+def trigger_refresh_of_expired(context, *, work_task_id: str = "check_batch") -> list[int]:
     """Trigger one ``oauth_token_refresh`` run (conf ``{"integration_ids": [...]}``, run id
     ``integration_health__<run id>``) for the integrations this sweep found ``expired``; skip
     when there are none or a retry finds that run already triggered.
@@ -268,8 +268,12 @@ def trigger_refresh_of_expired(context, *, summary_task_id: str = "summarize") -
     """
     from airflow.sdk.exceptions import AirflowSkipException, DagRunTriggerException
 
-    total = context["ti"].xcom_pull(task_ids=summary_task_id, key="total") or {}
-    expired = sorted({r["integrationId"] for r in total.get("results", []) if r.get("healthTo") == "expired"})
+    from almanac_airflow.batches import batch_summaries
+
+    results = [
+        r for summary in batch_summaries(context["ti"], work_task_id) for r in summary.get("results", [])
+    ]
+    expired = sorted({r["integrationId"] for r in results if r.get("healthTo") == "expired"})
     if not expired:
         raise AirflowSkipException("no integration found expired: no refresh to trigger")
     log.info("triggering oauth_token_refresh for %d expired integration(s): %s", len(expired), expired[:20])

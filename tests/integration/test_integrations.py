@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from almanac.db.migrate import apply_migrations, available_migrations
+from almanac.errors import RetryableError
 from almanac.google.crypto import TokenCipher, generate_key
 from almanac.integrations import store
 from almanac.integrations.fakes import FakeOAuthProvider
@@ -157,6 +158,7 @@ def test_a_refresh_stores_the_new_access_token_encrypted_and_schedules_the_next_
 ):
     integration_id, refresh_token = _connect(db, cipher, provider)
     result = refresher_for().refresh(db, integration_id)
+    assert result.status == "updated" and result.counts == {"refreshed": 1, "rotated": 0}
     row = _row(db, integration_id)
 
     access = cipher.decrypt(row["access_token_enc"])
@@ -167,7 +169,6 @@ def test_a_refresh_stores_the_new_access_token_encrypted_and_schedules_the_next_
     assert abs(lifetime - timedelta(hours=1)) < timedelta(seconds=2)
     assert cipher.decrypt(row["refresh_token_enc"]) == refresh_token  # not rotated: kept
     assert refresh_token not in str(row) and access not in str(row)  # nothing in clear
-    assert result.detail["nextRefreshAt"] == row["next_refresh_at"].isoformat()
 
 
 def test_a_rotated_refresh_token_replaces_the_old_one_which_no_longer_works(
@@ -271,6 +272,7 @@ def test_failures_after_the_retries_expire_the_integration_with_the_reason_and_b
     refresher.refresh(db, integration_id)
     row = _row(db, integration_id)
     assert row["status"] == "error" and row["consecutive_failures"] == 3  # no more scheduled refreshes
+    assert row["next_refresh_at"] is None  # the view shows no refresh that will not come
     assert store.due_for_refresh(db, NOW + timedelta(days=1)) == []
     assert refresher.refresh(db, integration_id, due_before=NOW + timedelta(days=1)).status == "skipped"
 
@@ -436,9 +438,10 @@ def test_health_records_healthy_expired_revoked_and_error_and_never_retries(
     assert result.counts == {"error": 1} and "503" in result.detail["reason"]
     assert len(provider.state.userinfo_requests) == before + 1
     assert _row(db, healthy)["health_status"] == "error" and _row(db, healthy)["status"] == "active"
-    # A retry of the same run skips what it checked.
+    # A retry of the same run does not call again: it reports what the earlier try recorded.
     [again] = _checker(cipher, provider).check_many(lambda: lent(db), [healthy], checked_since=since)
-    assert again.status == "skipped" and len(provider.state.userinfo_requests) == before + 1
+    assert (again.status, again.counts) == ("unchanged", {"error": 1})
+    assert len(provider.state.userinfo_requests) == before + 1
 
 
 def test_health_of_an_unknown_provider_is_an_error_result_naming_it(db, tenant, cipher, provider):
@@ -527,6 +530,7 @@ def test_the_migration_moves_google_accounts_over_without_loss(migrated):
             assert one[7] == expires and one[8] == expires - timedelta(minutes=5) and one[9] is None
             assert cipher.decrypt(rows[2][5]) == "rt-2" and rows[2][8] is not None  # due at once
             assert rows[3][3] == "revoked" and rows[3][9] == "invalid_grant" and rows[3][10] is True
+            assert rows[3][5] is None and rows[3][6] is None  # a revoked grant's tokens: erased
             push = conn.execute(
                 "SELECT a.user_id, a.target_calendar_id, a.last_error, a.last_push_at IS NOT NULL, i.user_id"
                 " FROM google_accounts a JOIN integrations i ON i.id = a.integration_id ORDER BY 1"
@@ -537,3 +541,140 @@ def test_the_migration_moves_google_accounts_over_without_loss(migrated):
             conn.rollback()
             conn.execute("DROP SCHEMA migration_check CASCADE")
             conn.commit()
+
+
+# --- what a review found: races, answers that break off, our own faults ---------------------
+
+
+class _RawServer:
+    """A TCP server answering every connection with ``answer`` bytes, then ``stall_s`` of silence."""
+
+    def __init__(self, answer: bytes, stall_s: float = 0.0) -> None:
+        import socket
+
+        self.answer, self.stall_s = answer, stall_s
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/token"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import time
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                client.sendall(self.answer)
+                time.sleep(self.stall_s)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    "answer, stall, expected",
+    [
+        # headers, then the body stalls past the read timeout: urllib3 raises, not requests
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{",
+            3.0,
+            "unreachable: ReadTimeoutError",
+        ),
+        # an error code with a NUL in it: never a database fault
+        (
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 22\r\n\r\n"
+            b'{"error":"bad\\u0000ok"}',
+            0.0,
+            "400 unknown_error",
+        ),
+    ],
+)
+def test_an_answer_that_breaks_off_or_carries_a_nul_is_that_integrations_recorded_failure(
+    db, tenant, cipher, provider, refresher_for, answer, stall, expected
+):
+    server = _RawServer(answer, stall)
+    try:
+        integration_id, _ = _connect(db, cipher, provider)
+        refresher = refresher_for(_config(provider, token_url=server.url))
+        refresher.options = RefreshOptions(policy=RetryPolicy(attempts=1, timeout_s=0.5))
+        result = refresher.refresh(db, integration_id)
+    finally:
+        server.close()
+    assert result.status == "error" and expected in result.error, result.error
+    row = _row(db, integration_id)
+    assert row["status"] == "expired" and expected in row["last_error"] and row["consecutive_failures"] == 1
+    assert row["next_refresh_at"] > datetime.now(UTC)  # backed off, not due every minute
+
+
+def test_a_reconnect_during_a_refresh_is_kept_and_the_old_grants_outcome_dropped(
+    db, tenant, cipher, refresher_for, migrated
+):
+    import psycopg
+
+    with FakeOAuthProvider(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, slow_seconds=1.5) as slow:
+        integration_id, old_token = _connect(db, cipher, slow, prefix="slow-")  # answered 1.5 s late
+        refresher = refresher_for(_config(slow))
+        results = []
+        thread = threading.Thread(target=lambda: results.append(refresher.refresh(db, integration_id)))
+        thread.start()
+        import time
+
+        deadline = time.monotonic() + 10
+        while not slow.state.refreshes(old_token) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the provider has the old grant's request
+        with psycopg.connect(migrated) as other:  # the user reconnects meanwhile
+            new_id, new_token = _connect(other, cipher, slow)
+        thread.join()
+    assert new_id == integration_id
+    assert results[0].status == "unchanged" and "reconnected" in results[0].error
+    row = _row(db, integration_id)
+    assert row["status"] == "active" and cipher.decrypt(row["refresh_token_enc"]) == new_token
+    assert (
+        row["access_token_enc"] is None and row["last_refresh_at"] is None
+    )  # the old grant's answer: dropped
+
+
+def test_our_own_faults_are_not_counted_against_the_integration(db, tenant, cipher, provider, refresher_for):
+    integration_id, _ = _connect(db, cipher, provider)
+    refresher = refresher_for(_config(provider, client_secret="wrong"), max_failures=2)
+    for _ in range(3):
+        assert refresher.refresh(db, integration_id).status == "error"
+    row = _row(db, integration_id)
+    assert row["status"] == "expired" and row["consecutive_failures"] == 0  # never `error` for it
+    assert "invalid_client" in row["last_error"] and row["next_refresh_at"] is not None
+
+
+def test_the_request_time_path_keeps_the_backoff_and_an_operator_retries_an_errored_one(
+    db, tenant, cipher, provider, refresher_for
+):
+    integration_id, _ = _connect(db, cipher, provider, prefix="unavailable-")
+    refresher = refresher_for(max_failures=2)
+    refresher.refresh(db, integration_id)  # failed: expired, due again in a minute
+    calls = len(provider.state.token_requests)
+    with pytest.raises(RetryableError, match="next try at"):
+        refresher.access_token(db, integration_id)
+    assert len(provider.state.token_requests) == calls  # the provider is not called before its time
+    db.execute("UPDATE integrations SET next_refresh_at = now() - interval '1 second'")
+    db.commit()
+    with pytest.raises(RetryableError):
+        refresher.access_token(db, integration_id)  # tried, failed again: now `error`
+    assert _row(db, integration_id)["status"] == "error"
+    with pytest.raises(IntegrationUnusableError, match="almanac integrations retry"):
+        refresher.access_token(db, integration_id)
+    assert store.retry_errored(db, now=datetime.now(UTC)) == [integration_id]
+    db.commit()
+    row = _row(db, integration_id)
+    assert (row["status"], row["consecutive_failures"]) == ("expired", 0)
+    assert row["next_refresh_at"] is not None
+
+
+def test_a_health_outcome_is_not_recorded_on_a_token_refreshed_meanwhile(db, tenant, cipher, provider):
+    integration_id, _ = _connect(db, cipher, provider, access_token="at", expires_at=NOW + timedelta(days=1))
+    assert not store.record_health(db, integration_id, "expired", "401", now=NOW, probed="another token")
+    db.commit()
+    assert _row(db, integration_id)["status"] == "active"

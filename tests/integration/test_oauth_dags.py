@@ -148,3 +148,12 @@ def test_the_health_sweep_records_each_state_and_triggers_a_refresh_for_the_expi
     assert _status(db, expired)[:2] == ("expired", "expired")
     assert _status(db, also_healthy)[1] == "healthy"
     assert run.state == "success"
+
+
+def test_a_health_run_whose_batches_fail_is_failed_although_the_refresh_trigger_runs(db, acme, monkeypatch):
+    _connect(db, acme, 1, expires_at=datetime.now(UTC) + timedelta(hours=1))
+    monkeypatch.delenv("AIRFLOW_VAR_ALMANAC_TOKEN_FERNET_KEY")  # every check batch fails
+    run = _dag("integration_health").test(logical_date=datetime.now(UTC) - timedelta(hours=4))
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert run.state == "failed", states
+    assert states["summarize"] == "failed" and states["refresh_expired"] == "skipped"

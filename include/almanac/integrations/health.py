@@ -40,7 +40,7 @@ HEALTH_KIND = Kind(
     noun="Integrations",
     id_key="integrationId",
     counters=("healthy", "expired", "revoked", "error"),
-    changed_key="changedIntegrationIds",
+    max_results=1000,  # a first sweep lists every integration (none -> healthy)
 )
 
 
@@ -111,7 +111,10 @@ class HealthChecker:
             reason = "no such integration" if row is None else f"integration {row.status}"
             return ItemResult(integration_id, "skipped", error=reason)
         if row.last_health_check_at is not None and row.last_health_check_at >= checked_since:
-            return ItemResult(integration_id, "skipped", error="checked by this run already")
+            # Checked by this run's earlier try (or a later run): its recorded outcome, not a new call.
+            health = row.health_status or "healthy"
+            again = {"healthFrom": health, "healthTo": health} if health == "expired" else {}
+            return ItemResult(row.id, "unchanged", {health: 1}, detail=again)
         now = self.clock()
         try:
             provider = self.provider(row.provider)
@@ -121,11 +124,18 @@ class HealthChecker:
             store.record_health(conn, row.id, "error", reason, now=now)
             conn.commit()
             return ItemResult(row.id, "error", {"error": 1}, error=reason, permanent=True)
+        # Judged on the tokens it read: a refresh or reconnect committed meanwhile is not judged.
         if health == "revoked":
-            store.mark_revoked(conn, row.id, detail, now=now, health_check=True)
+            recorded = store.mark_revoked(
+                conn, row.id, detail, now=now, health_check=True, seen=row.refresh_token_enc
+            )
         else:
-            store.record_health(conn, row.id, health, detail, now=now)
+            recorded = store.record_health(conn, row.id, health, detail, now=now, probed=row.access_token_enc)
         conn.commit()
+        if not recorded:
+            return ItemResult(
+                row.id, "skipped", error="refreshed or reconnected during the check: not judged"
+            )
         if health == "error":
             log.warning("integration %s (%s): health check failed: %s", row.id, row.provider, detail)
         changed = row.health_status != health

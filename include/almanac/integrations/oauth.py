@@ -85,9 +85,19 @@ class HealthAnswer:
 
 
 def _read(resp) -> bytes:
-    data = resp.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
-    resp.close()
-    return data
+    """The body (at most ``MAX_ANSWER_BYTES`` + 1), read under the request's timeouts. A body
+    that stalls, breaks off or does not decompress raises urllib3's errors, not requests'."""
+    try:
+        return resp.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+    finally:
+        resp.close()
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    import urllib3
+
+    return (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 def _json(data: bytes) -> dict | None:
@@ -102,7 +112,8 @@ def _json(data: bytes) -> dict | None:
 
 def _code(body: dict | None) -> str:
     code = (body or {}).get("error")
-    return code[:60] if isinstance(code, str) and code.isascii() else "unknown_error"
+    ok = isinstance(code, str) and code.isascii() and code.isprintable() and 0 < len(code) <= 60
+    return code if ok else "unknown_error"
 
 
 def refresh_grant(
@@ -117,7 +128,6 @@ def refresh_grant(
     Raises:
         GrantRevokedError, ProviderRetryableError, ProviderRefusedError (see the module).
     """
-    import requests
 
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
     auth = None
@@ -137,7 +147,7 @@ def refresh_grant(
             allow_redirects=False,
         )
         data = _read(resp)
-    except requests.RequestException as exc:
+    except _transport_errors() as exc:
         raise ProviderRetryableError(f"{where} unreachable: {type(exc).__name__}") from None
     body = _json(data)
     status = resp.status_code
@@ -179,7 +189,6 @@ def probe_health(
     provider: ProviderConfig, access_token: str, *, session, timeout: float = 10.0
 ) -> HealthAnswer:
     """One authenticated ``GET`` of ``provider.health_url``; never raises, never retries."""
-    import requests
 
     if not provider.health_url:
         return HealthAnswer("error", f"connection oauth_{provider.name} has no health_url")
@@ -192,7 +201,7 @@ def probe_health(
             allow_redirects=False,
         )
         data = _read(resp)
-    except requests.RequestException as exc:
+    except _transport_errors() as exc:
         return HealthAnswer("error", f"{provider.name} health check unreachable: {type(exc).__name__}")
     status = resp.status_code
     if status == 200:

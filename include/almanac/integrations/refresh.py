@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from almanac.batches import ItemResult, Kind, infrastructure_errors, map_items, rollback_quietly
-from almanac.errors import AlmanacError, PermanentError, RetryableError
+from almanac.errors import AlmanacError, ConfigError, PermanentError, RetryableError
 from almanac.google.crypto import TokenCipher
 from almanac.integrations import store
-from almanac.integrations.oauth import GrantRevokedError, TokenGrant, refresh_grant
+from almanac.integrations.oauth import GrantRevokedError, ProviderRefusedError, TokenGrant, refresh_grant
 from almanac.integrations.providers import ProviderConfig
 from almanac.leases import LeaseKeeper, lease_key
 from almanac.retry import RetryPolicy, retry_call
@@ -55,7 +55,8 @@ REFRESH_KIND = Kind(
     noun="Integrations",
     id_key="integrationId",
     counters=("refreshed", "rotated", "revoked", "failed"),
-    changed_key="refreshedIntegrationIds",
+    list_updated=False,  # 10% of all integrations every minute: counted, not listed
+    max_results=1000,
 )
 
 
@@ -211,6 +212,8 @@ class Refresher:
         if due_before is not None:
             if row.status not in ("active", "expired"):
                 return "skipped", {}, f"integration {row.status}: not refreshed by schedule"
+            if row.last_refresh_at is not None and row.last_refresh_at >= due_before:
+                return "unchanged", {}, None  # refreshed by this run (a retry, a rerun) or a later one
             if row.next_refresh_at is None or row.next_refresh_at >= due_before:
                 if row.status == "expired":  # failed earlier: waiting out its backoff
                     return "skipped", {}, f"waiting to retry until {row.next_refresh_at}: {row.last_error}"
@@ -225,6 +228,7 @@ class Refresher:
 
     def _call_provider(self, conn, row: store.Integration) -> ItemResult:
         now = self.clock()
+        seen = row.refresh_token_enc  # every write below is conditioned on this grant
         try:
             provider = self.provider(row.provider)
             refresh_token = self.cipher.decrypt(row.refresh_token_enc, what="refresh token")
@@ -247,7 +251,9 @@ class Refresher:
                 ),
             )
         except GrantRevokedError as exc:
-            store.mark_revoked(conn, row.id, str(exc), now=now)
+            if not store.mark_revoked(conn, row.id, str(exc), now=now, seen=seen):
+                conn.commit()
+                return self._reconnected(row)
             conn.commit()
             log.warning("integration %s (%s): %s; marked revoked, owner told", row.id, row.provider, exc)
             return ItemResult(
@@ -257,39 +263,61 @@ class Refresher:
                 error=f"revoked: {exc}",
                 detail={"integrationStatus": "revoked"},
             )
-        except AlmanacError as exc:  # retryable after the last attempt, refused, misconfigured, undecryptable
-            reason = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, RetryableError) and self.options.policy.attempts > 1:
-                reason += f" (after {self.options.policy.attempts} attempts)"
-            status = store.record_refresh_failure(
-                conn,
-                row.id,
-                reason,
-                now=now,
-                backoff=self.options.backoff(row.consecutive_failures + 1),
-                max_failures=self.options.max_failures,
-            )
-            conn.commit()
-            log.warning(
-                "integration %s (%s): refresh failed, now %s: %s", row.id, row.provider, status, reason
-            )
-            return ItemResult(
-                row.id,
-                "error",
-                {"failed": 1},
-                error=reason,
-                permanent=not isinstance(exc, RetryableError),
-                detail={"integrationStatus": status},
-            )
-        next_at = self._store(conn, row, grant)
+        except infrastructure_errors():
+            raise
+        except Exception as exc:  # refused, misconfigured, undecryptable, after the retries, or unexpected
+            return self._failed(conn, row, exc, now, seen)
+        next_at = self._store(conn, row, grant, seen)
+        if next_at is None:
+            return self._reconnected(row)
         return ItemResult(
-            row.id,
-            "updated",
-            {"refreshed": 1, "rotated": int(grant.refresh_token is not None)},
-            detail={"nextRefreshAt": next_at.isoformat()},
+            row.id, "updated", {"refreshed": 1, "rotated": int(grant.refresh_token is not None)}
         )
 
-    def _store(self, conn, row: store.Integration, grant: TokenGrant) -> datetime:
+    def _failed(self, conn, row: store.Integration, exc: Exception, now: datetime, seen) -> ItemResult:
+        """Record a failed refresh: the reason, a backoff; counted against the integration unless
+        the fault is ours (no or a refused client, an undecryptable token: fixing it is ours)."""
+        known = isinstance(exc, AlmanacError)
+        if not known:
+            log.exception("integration %s: unexpected failure during refresh", row.id)
+            rollback_quietly(conn)
+        reason = (
+            f"{type(exc).__name__}: {exc}" if known else f"unexpected {type(exc).__name__}: {str(exc)[:200]}"
+        )
+        if isinstance(exc, RetryableError) and self.options.policy.attempts > 1:
+            reason += f" (after {self.options.policy.attempts} attempts)"
+        ours = isinstance(exc, ConfigError) or (
+            isinstance(exc, ProviderRefusedError) and exc.code in ("invalid_client", "unauthorized_client")
+        )
+        status = store.record_refresh_failure(
+            conn,
+            row.id,
+            reason,
+            now=now,
+            backoff=self.options.backoff(row.consecutive_failures + 1),
+            max_failures=self.options.max_failures,
+            counts=not ours,
+            seen=seen,
+        )
+        conn.commit()
+        if status == "reconnected":
+            return self._reconnected(row)
+        log.warning("integration %s (%s): refresh failed, now %s: %s", row.id, row.provider, status, reason)
+        return ItemResult(
+            row.id,
+            "error",
+            {"failed": 1},
+            error=reason,
+            permanent=known and not isinstance(exc, RetryableError),
+            detail={"integrationStatus": status},
+        )
+
+    @staticmethod
+    def _reconnected(row: store.Integration) -> ItemResult:
+        log.info("integration %s: reconnected during the refresh; the new grant is kept as it is", row.id)
+        return ItemResult(row.id, "unchanged", error="reconnected during the refresh: the new grant is kept")
+
+    def _store(self, conn, row: store.Integration, grant: TokenGrant, seen) -> datetime | None:
         next_at = store.record_refresh(
             conn,
             self.cipher,
@@ -298,6 +326,7 @@ class Refresher:
             now=self.clock(),
             lead=self.options.lead,
             default_lifetime=self.options.default_lifetime,
+            seen=seen,
         )
         conn.commit()
         return next_at
@@ -344,6 +373,21 @@ class Refresher:
         conn.commit()
         if not force and row is not None and self._usable(row, min_valid):
             return self.cipher.decrypt(row.access_token_enc, what="access token"), row.access_token_expires_at
+        if row is not None and row.status == "error":
+            raise IntegrationUnusableError(
+                f"integration {integration_id}: refreshes failed {row.consecutive_failures} times in a row "
+                f"(last: {row.last_error}); retry it once fixed: almanac integrations retry {integration_id}"
+            )
+        if (
+            row is not None
+            and row.status == "expired"
+            and row.next_refresh_at
+            and row.next_refresh_at > asked
+        ):
+            raise RetryableError(  # its backoff holds at request time too
+                f"integration {integration_id}: the last refresh failed, next try at {row.next_refresh_at}: "
+                f"{row.last_error}"
+            )
         before = row.access_token_enc if row is not None else None
         # A refresh another holder makes from now on serves this request too ("unchanged").
         result = self.refresh(conn, integration_id, requested_at=asked, wait_s=self.options.lease_wait_s)

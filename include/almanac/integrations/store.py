@@ -41,12 +41,25 @@ __all__ = [
     "record_refresh",
     "record_refresh_failure",
     "reencrypt",
+    "retry_errored",
     "states",
 ]
 
 STATUSES = ("active", "expired", "revoked", "error")
 HEALTH_STATES = ("healthy", "expired", "revoked", "error")
 MAX_ERROR_CHARS = 1000
+#: ``refresh_token_enc`` as read before a refresh: writes that follow are conditioned on it, so a
+#: reconnect committed meanwhile (a new grant) is never overwritten by the old grant's outcome.
+ANY_GRANT = object()
+
+
+def _text(reason: str | None) -> str | None:
+    """An operator-readable reason as stored: NUL-free (PostgreSQL text refuses it), bounded."""
+    return reason.replace("\x00", "")[:MAX_ERROR_CHARS] if reason is not None else None
+
+
+def _grant_clause(seen) -> str:
+    return "" if seen is ANY_GRANT else " AND refresh_token_enc IS NOT DISTINCT FROM %(seen)s"
 _COLUMNS = (
     "id, tenant_id, user_id, provider, account_subject, scopes, status, refresh_token_enc, "
     "access_token_enc, access_token_expires_at, last_refresh_at, next_refresh_at, "
@@ -193,12 +206,15 @@ def record_refresh(
     now: datetime,
     lead: timedelta,
     default_lifetime: timedelta,
-) -> datetime:
+    seen=ANY_GRANT,
+) -> datetime | None:
     """Keep a refreshed grant: the new access token, the rotated refresh token when the provider
-    replaced it, the granted scopes when it listed them; ``active``. Returns ``next_refresh_at``."""
+    replaced it, the granted scopes when it listed them; ``active``. Returns ``next_refresh_at``,
+    or None when ``seen`` (the ``refresh_token_enc`` the refresh started from) is no longer stored:
+    the user reconnected meanwhile, and the new grant is left as it is."""
     expires_at = grant.expires_at or now + default_lifetime
     next_at = next_refresh_after(expires_at, lead)
-    conn.execute(
+    row = conn.execute(
         """
         UPDATE integrations
            SET access_token_enc = %(access)s, access_token_expires_at = %(expires)s,
@@ -207,9 +223,11 @@ def record_refresh(
                next_refresh_at = %(next)s, consecutive_failures = 0, last_error = NULL,
                health_status = CASE WHEN health_status = 'expired' THEN NULL ELSE health_status END,
                updated_at = %(now)s
-         WHERE id = %(id)s
+         WHERE id = %(id)s AND status <> 'revoked'""" + _grant_clause(seen) + """
+        RETURNING id
         """,
         {
+            "seen": None if seen is ANY_GRANT else seen,
             "access": cipher.encrypt(grant.access_token),
             "expires": expires_at,
             "refresh": cipher.encrypt(grant.refresh_token) if grant.refresh_token else None,
@@ -218,43 +236,74 @@ def record_refresh(
             "next": next_at,
             "id": integration_id,
         },
-    )
-    return next_at
+    ).fetchone()
+    return next_at if row else None
 
 
 def record_refresh_failure(
-    conn, integration_id: int, reason: str, *, now: datetime, backoff: timedelta, max_failures: int
+    conn,
+    integration_id: int,
+    reason: str,
+    *,
+    now: datetime,
+    backoff: timedelta,
+    max_failures: int,
+    counts: bool = True,
+    seen=ANY_GRANT,
 ) -> str:
     """A refresh failed for another reason than a revocation: ``expired`` with the reason, due
-    again after ``backoff``; ``error`` (not refreshed by schedule any more) after
-    ``max_failures`` in a row. Returns the new status."""
+    again after ``backoff``; ``error`` (not refreshed by schedule any more, ``next_refresh_at``
+    NULL) after ``max_failures`` in a row. ``counts=False`` for our own faults (a missing or
+    refused client, an undecryptable token): recorded and backed off, never counted against the
+    integration. Returns the new status (``reconnected`` when ``seen`` is no longer stored)."""
     row = conn.execute(
         """
         UPDATE integrations
-           SET consecutive_failures = consecutive_failures + 1,
-               status = CASE WHEN consecutive_failures + 1 >= %(max)s THEN 'error' ELSE 'expired' END,
-               last_error = %(reason)s, next_refresh_at = %(next)s, updated_at = %(now)s
-         WHERE id = %(id)s AND status <> 'revoked'
+           SET consecutive_failures = consecutive_failures + %(step)s,
+               status = CASE WHEN consecutive_failures + %(step)s >= %(max)s THEN 'error' ELSE 'expired' END,
+               next_refresh_at = CASE WHEN consecutive_failures + %(step)s >= %(max)s THEN NULL
+                                      ELSE %(next)s END,
+               last_error = %(reason)s, updated_at = %(now)s
+         WHERE id = %(id)s AND status <> 'revoked'""" + _grant_clause(seen) + """
         RETURNING status
         """,
         {
+            "step": 1 if counts else 0,
             "max": max_failures,
-            "reason": reason[:MAX_ERROR_CHARS],
+            "reason": _text(reason),
             "next": now + backoff,
             "now": now,
             "id": integration_id,
+            "seen": None if seen is ANY_GRANT else seen,
         },
     ).fetchone()
-    return row[0] if row else "revoked"
+    return row[0] if row else "reconnected"
+
+
+def retry_errored(conn, *, ids: Sequence[int] | None = None, now: datetime) -> list[int]:
+    """Make ``error`` integrations (all, or ``ids``) ``expired`` and due at once, their failure
+    count reset — after the cause was fixed (a connection, a key). Returns the ids. Does not commit."""
+    rows = conn.execute(
+        """
+        UPDATE integrations
+           SET status = 'expired', consecutive_failures = 0, next_refresh_at = %(now)s, updated_at = %(now)s
+         WHERE status = 'error' AND refresh_token_enc IS NOT NULL
+           AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+        RETURNING id
+        """,
+        {"now": now, "ids": list(ids) if ids is not None else None},
+    ).fetchall()
+    return sorted(row[0] for row in rows)
 
 
 def mark_revoked(
-    conn, integration_id: int, reason: str, *, now: datetime, health_check: bool = False
+    conn, integration_id: int, reason: str, *, now: datetime, health_check: bool = False, seen=ANY_GRANT
 ) -> bool:
     """The provider refused the grant for good: ``revoked``, tokens erased, and the tenant's owner
     told through the notification outbox — in the same transaction, once per revocation (the
     idempotency key is the integration and its ``revoked_at``). Already revoked: nothing changes.
-    ``health_check``: found by a health check (recorded as one). Returns whether it was revoked now."""
+    ``health_check``: found by a health check (recorded as one). ``seen``: the grant the finding is
+    about (a reconnect since then is not revoked). Returns whether it was revoked now."""
     from almanac.notify.outbox import enqueue
 
     with conn.cursor(row_factory=dict_row) as cur:
@@ -265,10 +314,11 @@ def mark_revoked(
                    refresh_token_enc = NULL, access_token_enc = NULL, access_token_expires_at = NULL,
                    next_refresh_at = NULL, health_status = 'revoked', updated_at = %(now)s,
                    last_health_check_at = CASE WHEN %(checked)s THEN %(now)s ELSE last_health_check_at END
-             WHERE id = %(id)s AND status <> 'revoked'
+             WHERE id = %(id)s AND status <> 'revoked'""" + _grant_clause(seen) + """
             RETURNING i.id, i.tenant_id, i.user_id, i.provider, i.revoked_at
             """,
-            {"now": now, "reason": reason[:MAX_ERROR_CHARS], "id": integration_id, "checked": health_check},
+            {"now": now, "reason": _text(reason), "id": integration_id, "checked": health_check,
+             "seen": None if seen is ANY_GRANT else seen},
         ).fetchone()
         if row is None:
             return False
@@ -312,33 +362,36 @@ def mark_revoked(
     return True
 
 
-def record_health(conn, integration_id: int, health: str, detail: str | None, *, now: datetime) -> str | None:
+def record_health(
+    conn, integration_id: int, health: str, detail: str | None, *, now: datetime, probed=ANY_GRANT
+) -> bool:
     """One health check's outcome (``healthy``, ``expired``, ``error``; ``revoked`` goes through
     ``mark_revoked``). ``expired`` also makes an ``active`` integration ``expired`` and due for
-    refresh at once. Returns the status before, or None when the integration is gone."""
+    refresh at once. ``probed``: the ``access_token_enc`` the check used; a token refreshed (or
+    reconnected) meanwhile is not judged by it. Returns whether it was recorded."""
     if health not in ("healthy", "expired", "error"):
         raise ValueError(f"not a health state for record_health: {health!r}")
+    probed_clause = "" if probed is ANY_GRANT else " AND access_token_enc IS NOT DISTINCT FROM %(probed)s"
     row = conn.execute(
         """
-        UPDATE integrations i
+        UPDATE integrations
            SET last_health_check_at = %(now)s, health_status = %(health)s,
-               status = CASE WHEN %(health)s = 'expired' AND i.status = 'active' THEN 'expired'
-                             ELSE i.status END,
-               next_refresh_at = CASE WHEN %(health)s = 'expired' THEN %(now)s ELSE i.next_refresh_at END,
-               last_error = CASE WHEN %(health)s = 'healthy' THEN i.last_error ELSE %(detail)s END,
+               status = CASE WHEN %(health)s = 'expired' AND status = 'active' THEN 'expired' ELSE status END,
+               next_refresh_at = CASE WHEN %(health)s = 'expired' THEN %(now)s ELSE next_refresh_at END,
+               last_error = CASE WHEN %(health)s = 'healthy' THEN last_error ELSE %(detail)s END,
                updated_at = %(now)s
-          FROM integrations before
-         WHERE i.id = %(id)s AND before.id = i.id
-        RETURNING before.status
+         WHERE id = %(id)s AND status IN ('active', 'expired')""" + probed_clause + """
+        RETURNING id
         """,
         {
             "now": now,
             "health": health,
-            "detail": (detail or "")[:MAX_ERROR_CHARS] or None,
+            "detail": _text(detail) or None,
             "id": integration_id,
+            "probed": None if probed is ANY_GRANT else probed,
         },
     ).fetchone()
-    return row[0] if row else None
+    return row is not None
 
 
 def states(conn, *, tenant_id: int | None = None, ids: Sequence[int] | None = None) -> list[dict]:

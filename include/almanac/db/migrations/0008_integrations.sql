@@ -45,8 +45,11 @@ CREATE INDEX integrations_health_idx ON integrations (last_health_check_at)
 INSERT INTO integrations (tenant_id, user_id, provider, account_subject, scopes, refresh_token_enc,
                           access_token_enc, access_token_expires_at, status, next_refresh_at,
                           last_error, revoked_at, connected_at, updated_at)
-SELECT u.tenant_id, g.user_id, 'google', g.account_subject, NULL, g.refresh_token_enc,
-       g.access_token_enc, g.access_token_expires_at, g.status,
+SELECT u.tenant_id, g.user_id, 'google', g.account_subject, NULL,
+       -- a revoked grant's tokens are dead: erased, as a revocation erases them from now on
+       CASE WHEN g.status = 'revoked' THEN NULL ELSE g.refresh_token_enc END,
+       CASE WHEN g.status = 'revoked' THEN NULL ELSE g.access_token_enc END,
+       CASE WHEN g.status = 'revoked' THEN NULL ELSE g.access_token_expires_at END, g.status,
        CASE WHEN g.status = 'active'
             THEN coalesce(g.access_token_expires_at - interval '5 minutes', g.connected_at) END,
        CASE WHEN g.status = 'revoked' THEN g.last_error END,

@@ -5,12 +5,15 @@
     .venv/bin/python benchmarks/notifications.py --messages 10000    # a shorter run
 
 Against the real outbox (PostgreSQL), real Redis rate limits (set high enough not to bind) and
-the local fakes (a real SMTP server, the Twilio- and FCM-shaped APIs) in this process, it prints:
+the local fakes (a real SMTP server, the Twilio- and FCM-shaped APIs) in a process of their own
+(``--fakes inline``: in this one, as before), it prints:
 
 1. the bulk enqueue rate (``enqueue_many``, mixed channels, one transaction per 10,000);
 2. the dispatch rate per channel with 5 and with 10 dispatch processes per channel (what the
    pools ``notifications_<channel>`` allow), each process running ``dispatch_channel`` as a
-   ``notification_dispatch`` task does;
+   ``notification_dispatch`` task does, timed from the moment all of them are ready (their start-up
+   is not counted), with the CPU time per send of the dispatchers (user + system, all processes
+   together) and of the fakes' process — on a shared machine CPU per send is the steady figure;
 3. the p50/p99 latency from enqueue to sent with a lingering dispatcher per channel woken through
    the Redis stream (``almanac.notify.wakeups``), one message at a time.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -132,6 +136,20 @@ def _factories(ports: dict):
     }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+_ready = None  # a worker's start barrier (set by the pool's initializer)
+
+
+def _init_worker(barrier) -> None:
+    global _ready
+    _ready = barrier
+
+
 def _dispatch_worker(args) -> dict:
     db_url, redis_url, channel, ports, index, linger, budget = args
     from almanac.db.connect import connect
@@ -142,7 +160,10 @@ def _dispatch_worker(args) -> dict:
     cfg = settings(notify_run_budget_s=budget, notify_idle_poll_ms=200)
     rds = connect_redis(redis_url)
     with connect(db_url) as conn:
-        return dispatch_channel(
+        if _ready is not None:
+            _ready.wait(300)  # every dispatcher imported and connected: the clock starts
+        cpu, started = cpu_seconds(), time.time()
+        counts = dispatch_channel(
             conn,
             channel,
             _factories(ports)[channel],
@@ -152,23 +173,115 @@ def _dispatch_worker(args) -> dict:
             linger=linger,
             wakeups=rds if linger else None,
         )
+        return {**counts, "_cpu": cpu_seconds() - cpu, "_started": started, "_ended": time.time()}
 
 
-def dispatch(
-    db_url: str, redis_url: str, ports: dict, workers: int, total: int
-) -> dict[str, tuple[int, float]]:
-    """Dispatch every due row, ``workers`` processes per channel at once; (sent, seconds) per channel."""
+def dispatch(db_url: str, redis_url: str, ports: dict, workers: int, fakes) -> dict[str, dict]:
+    """Dispatch every due row, ``workers`` processes per channel at once; per channel: sent, the
+    seconds from all dispatchers ready to the last one done, their CPU seconds and the fakes'."""
     ctx = multiprocessing.get_context("spawn")
     result = {}
     for channel in CHANNELS:
-        started = time.perf_counter()
-        with ctx.Pool(workers) as pool:
+        barrier = ctx.Barrier(workers)
+        fakes_cpu = fakes.cpu()
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(barrier,)) as pool:
             counts = pool.map(
                 _dispatch_worker,
                 [(db_url, redis_url, channel, ports, i, False, 3600) for i in range(workers)],
             )
-        result[channel] = (sum(c["sent"] for c in counts), time.perf_counter() - started, counts)
+        result[channel] = {
+            "sent": sum(c["sent"] for c in counts),
+            "seconds": max(c["_ended"] for c in counts) - min(c["_started"] for c in counts),
+            "cpu": sum(c["_cpu"] for c in counts),
+            "fakes_cpu": fakes.cpu() - fakes_cpu,
+        }
     return result
+
+
+# -- the fakes -------------------------------------------------------------------------------------
+
+
+def _serve_fakes(conn) -> None:
+    """The fakes' process: serve them, tell the ports, then answer "cpu", "reset" and "stop"."""
+    logging_quiet()
+    from almanac.notify.fakes import FakeFcm, FakeSmtpServer, FakeTwilio
+
+    with FakeSmtpServer() as smtp, FakeTwilio() as twilio, FakeFcm() as fcm:
+        conn.send(_ports(smtp, twilio, fcm))
+        while True:
+            command = conn.recv()
+            if command == "stop":
+                return
+            if command == "reset":
+                for fake in (smtp, twilio, fcm):
+                    fake.reset()
+            conn.send(cpu_seconds())
+
+
+def _ports(smtp, twilio, fcm) -> dict:
+    return {
+        "smtp": smtp.port,
+        "sms_url": twilio.url,
+        "sid": twilio.account_sid,
+        "token": twilio.auth_token,
+        "fcm_url": fcm.url,
+        "project": fcm.project_id,
+        "sa": fcm.service_account_info(),
+    }
+
+
+class FakesProcess:
+    """The three fakes in a process of their own (in memory, quiet), so what they cost is not
+    taken from this process's GIL and can be measured apart."""
+
+    def __enter__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve_fakes, args=(child,), name="notify-fakes", daemon=True)
+        self._process.start()
+        if not self._conn.poll(60):
+            raise RuntimeError("the fakes' process did not start")
+        self.ports = self._conn.recv()
+        return self
+
+    def cpu(self) -> float:
+        self._conn.send("cpu")
+        return self._conn.recv()
+
+    def reset(self) -> None:
+        self._conn.send("reset")
+        self._conn.recv()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+
+
+class FakesInline:
+    """The three fakes in this process (the benchmark's former set-up)."""
+
+    def __enter__(self):
+        from almanac.notify.fakes import FakeFcm, FakeSmtpServer, FakeTwilio
+
+        self._fakes = (FakeSmtpServer().start(), FakeTwilio().start(), FakeFcm().start())
+        self.ports = _ports(*self._fakes)
+        return self
+
+    def cpu(self) -> float:
+        return cpu_seconds()  # this process's, the fakes' threads included
+
+    def reset(self) -> None:
+        for fake in self._fakes:
+            fake.reset()
+
+    def __exit__(self, *exc: object) -> None:
+        for fake in reversed(self._fakes):
+            fake.stop()
 
 
 def latency(db_url: str, redis_url: str, ports: dict, samples: int) -> list[float]:
@@ -231,43 +344,42 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[5, 10], help="dispatch processes per channel"
     )
+    parser.add_argument(
+        "--fakes",
+        choices=("process", "inline"),
+        default="process",
+        help="the fakes in a process of their own (default) or in this one",
+    )
     parser.add_argument("--db-url", default=os.environ.get("ALMANAC_APP_DB_URL"))
     parser.add_argument("--redis-url", default=os.environ.get("ALMANAC_REDIS_URL"))
     args = parser.parse_args()
     if not args.db_url or not args.redis_url:
         parser.error('set ALMANAC_APP_DB_URL and ALMANAC_REDIS_URL (eval "$(./dev env --profile test)")')
 
-    from almanac.notify.fakes import FakeFcm, FakeSmtpServer, FakeTwilio
-
     logging_quiet()
     cleanup(args.db_url)
     try:
         seed_users(args.db_url)
-        with FakeSmtpServer() as smtp, FakeTwilio() as twilio, FakeFcm() as fcm:
-            ports = {
-                "smtp": smtp.port,
-                "sms_url": twilio.url,
-                "sid": twilio.account_sid,
-                "token": twilio.auth_token,
-                "fcm_url": fcm.url,
-                "project": fcm.project_id,
-                "sa": fcm.service_account_info(),
-            }
-            print(f"{args.messages:,} notifications ({', '.join(CHANNELS)} in turn) for {USERS:,} users")
+        with FakesProcess() if args.fakes == "process" else FakesInline() as fakes:
+            ports = fakes.ports
+            print(
+                f"{args.messages:,} notifications ({', '.join(CHANNELS)} in turn) for {USERS:,} users; "
+                f"the fakes {'in their own process' if args.fakes == 'process' else 'in this process'}"
+            )
             for workers in args.workers:
                 seconds = enqueue(args.db_url, args.messages, f"bench-w{workers}")
                 print(
                     f"enqueue_many: {args.messages:,} in {seconds:.2f} s = {args.messages / seconds:,.0f}/s"
                 )
-                for channel, (sent, took, _counts) in dispatch(
-                    args.db_url, args.redis_url, ports, workers, args.messages
-                ).items():
+                for channel, r in dispatch(args.db_url, args.redis_url, ports, workers, fakes).items():
+                    per_send = 1e6 / max(r["sent"], 1)
                     print(
-                        f"dispatch {channel:<5} {workers:>2} processes: {sent:,} sent in {took:.1f} s"
-                        f" = {sent / took:,.0f}/s"
+                        f"dispatch {channel:<5} {workers:>2} processes: {r['sent']:,} sent in"
+                        f" {r['seconds']:.1f} s = {r['sent'] / r['seconds']:,.0f}/s; CPU per send:"
+                        f" dispatchers {r['cpu'] * per_send:,.0f} us,"
+                        f" fakes {r['fakes_cpu'] * per_send:,.0f} us"
                     )
-                for fake in (smtp, twilio, fcm):
-                    fake.reset()
+                fakes.reset()
             waits = sorted(latency(args.db_url, args.redis_url, ports, args.latency_samples))
             if waits:
                 p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))]

@@ -7,6 +7,7 @@ import contextlib
 import email
 import email.policy
 import logging
+import re
 import socket
 import time
 
@@ -594,3 +595,104 @@ def test_masks_keep_only_what_an_operator_needs():
     assert mask_token("fcm-token-abcdef123456") == "fcm-to..."
     text = scrub("user bob@example.org, number +447700900123 and token abcdefghijkl", ["abcdefghijkl"])
     assert text == "user b***@example.org, number +4477***0123 and token abcdef..."
+
+
+# -- the HTTP senders' requests, byte for byte against requests' ---------------------------------
+
+
+@contextlib.contextmanager
+def recording_server(answer: bytes):
+    """An HTTP/1.1 server that records each raw request (head and body) and gives ``answer``."""
+    import threading
+
+    seen: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                seen.append(head + b"\r\n\r\n" + rest[:length])
+                buf = rest[length:]
+                conn.sendall(answer)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", seen
+
+
+def _normalized(raw: bytes) -> bytes:
+    """A request without what legitimately differs: the User-Agent, the bearer token's value and the
+    header order (google-auth adds ``authorization`` to the headers it is given, after the others)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    request_line, *fields = head.split(b"\r\n")
+    kept = []
+    for line in fields:
+        name = line.split(b":", 1)[0].lower()
+        if name == b"user-agent":
+            continue
+        if name == b"authorization" and line.lower().startswith(b"authorization: bearer "):
+            line = b"authorization: Bearer <token>"
+        kept.append(line)
+    kept.sort(key=lambda f: f.split(b":", 1)[0].lower())
+    return b"\r\n".join([request_line, *kept]) + b"\r\n\r\n" + body
+
+
+def test_the_sms_request_is_the_one_requests_sent():
+    import requests
+
+    answer = (b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n'
+              b'{"sid": "SM1"} ')
+    with recording_server(answer) as (url, seen):
+        config = SmsConfig(base_url=url, account_sid="AC123", auth_token="s3cret", from_number="+15550009999")
+        with SmsSender(config) as sender:
+            assert sender.send(sms_msg()).outcome == "sent"
+            unicode = Message(2, "sms:2", "sms", ("+15557654321",), None, "Café ☕ & more = 100%")
+            assert sender.send(unicode).outcome == "sent"
+        with requests.Session() as session:  # what SmsSender did with requests
+            session.auth = ("AC123", "s3cret")
+            session.headers["Accept"] = "application/json"
+            target = f"{url}/2010-04-01/Accounts/AC123/Messages.json"
+            for body in ("Your code is 1234", "Café ☕ & more = 100%"):
+                form = {"To": "+15557654321", "Body": body, "From": "+15550009999"}
+                session.post(target, data=form, timeout=(2, 5), allow_redirects=False)
+    ours, theirs = seen[:2], seen[2:]
+    for mine, old in zip(ours, theirs, strict=True):
+        mine_fields = [f for f in mine.split(b"\r\n") if not f.lower().startswith(b"user-agent")]
+        old_fields = [f for f in old.split(b"\r\n") if not f.lower().startswith(b"user-agent")]
+        assert mine_fields == old_fields  # same headers in the same order, same body
+
+
+def test_the_push_request_is_the_one_google_auths_session_sent(fcm):
+    from google.auth.transport.requests import AuthorizedSession
+    from google.oauth2 import service_account
+
+    answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"name": "x"}'
+    with recording_server(answer) as (url, seen):
+        message = push_msg("device-a")
+        with PushSender(fcm_config(fcm, base_url=url)) as sender:
+            assert sender.send(message).outcome == "sent"
+            payload = sender._payload(message, "device-a")
+        credentials = service_account.Credentials.from_service_account_info(
+            fcm.service_account_info(), scopes=["https://www.googleapis.com/auth/firebase.messaging"])
+        with AuthorizedSession(credentials) as session:  # what PushSender did with requests
+            session.post(f"{url}/v1/projects/{fcm.project_id}/messages:send", json=payload, timeout=(2, 5))
+    mine, old = seen
+    assert _normalized(mine) == _normalized(old)
+    assert b"x-goog-api-client" in mine.lower()

@@ -291,19 +291,6 @@ def _warm_worker() -> None:
 # --------------------------------------------------------------------------- runs
 
 
-def _plan(ids: list[int], settings, extra: dict) -> list[dict]:
-    from almanac.batches import plan_batches
-
-    return plan_batches(
-        ids,
-        noun="integrations",
-        min_size=settings.oauth_batch_min,
-        max_size=settings.oauth_batch_max,
-        target_count=settings.oauth_batch_target_count,
-        extra=extra,
-    )
-
-
 def _run(pool, worker, kind, batches: list[dict], common: dict, run_id: str, fake: FakeRunner) -> dict:
     from almanac.batches import combine_summaries
 
@@ -338,7 +325,9 @@ def refresh_run(name, pool, db_url, ours, interval_end, settings, common, fake, 
     if batches is None:
         with connect(db_url) as conn:
             due = ours_only(due_for_refresh(conn, interval_end), ours)
-        batches = _plan(due, settings, {"due_before": interval_end.isoformat()})
+        from almanac.integrations import plan_integration_batches
+
+        batches = plan_integration_batches(due, settings, {"due_before": interval_end.isoformat()})
     plan_s = time.perf_counter() - started
     due_count = sum(len(b["ids"]) for b in batches)
     total = _run(pool, _refresh_worker, REFRESH_KIND, batches, common, name, fake)
@@ -369,7 +358,9 @@ def health_sweep(pool, db_url, ours, settings, common, fake) -> dict:
     started = time.perf_counter()
     with connect(db_url) as conn:
         ids = ours_only(due_for_health_check(conn, since), ours)
-    batches = _plan(ids, settings, {"checked_since": since.isoformat()})
+    from almanac.integrations import plan_integration_batches
+
+    batches = plan_integration_batches(ids, settings, {"checked_since": since.isoformat()})
     plan_s = time.perf_counter() - started
     total = _run(pool, _health_worker, HEALTH_KIND, batches, common, "integration_health", fake)
     wall = time.perf_counter() - started

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from almanac.batches import ItemResult
 from almanac.errors import ConfigError
+from almanac.integrations import plan_integration_batches
 
 __all__ = [
     "FERNET_KEY_VARIABLE",
@@ -116,20 +117,6 @@ def refresher(
     return Refresher(token_cipher(), providers or Providers(), leases, options, sleep=sleep)
 
 
-def _batches(ids: list[int], settings, extra: dict) -> list[dict]:
-    """Both DAGs' integrations, cut into mapped batches (``oauth_batch_*``), each carrying ``extra``."""
-    from almanac.batches import plan_batches
-
-    return plan_batches(
-        ids,
-        noun="integrations",
-        min_size=settings.oauth_batch_min,
-        max_size=settings.oauth_batch_max,
-        target_count=settings.oauth_batch_target_count,
-        extra=extra,
-    )
-
-
 # --- oauth_token_refresh -----------------------------------------------------------------
 
 
@@ -187,7 +174,7 @@ def plan_refresh(context, asset) -> list[dict]:
             ids = due_for_refresh(conn, before)
         mode = {"due_before": before.isoformat()}
         log.info("%d integration(s) due for refresh before %s", len(ids), before.isoformat())
-    return _batches(ids, settings, mode)
+    return plan_integration_batches(ids, settings, mode)
 
 
 def refresh_work(batch: dict, context) -> list[ItemResult]:
@@ -229,7 +216,7 @@ def plan_health(context) -> list[dict]:
         ids = due_for_health_check(conn, since)
     log.info("%d integration(s) to check (not checked since %s)", len(ids), since.isoformat())
     context["ti"].xcom_push(key="checked_since", value=since.isoformat())
-    return _batches(ids, settings, {"checked_since": since.isoformat()})
+    return plan_integration_batches(ids, settings, {"checked_since": since.isoformat()})
 
 
 def health_work(batch: dict, context) -> list[ItemResult]:

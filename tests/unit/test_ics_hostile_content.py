@@ -59,16 +59,17 @@ def reached(monkeypatch) -> list[str]:
                 raise AssertionError(f"{uid} reached the expansion library")
             super().__init__(components)
 
-    direct = parse_module._simple_series
+    direct = parse_module._plan_series
 
-    def recording_simple_series(uid, *args, **kwargs):  # the direct path expands with dateutil
+    def recording_plan_series(component, *args, **kwargs):  # the direct path expands with dateutil
+        uid = str(component.get("UID"))
         seen.append(uid)
         if uid.startswith("bad"):
             raise AssertionError(f"{uid} reached the expansion")
-        return direct(uid, *args, **kwargs)
+        return direct(component, *args, **kwargs)
 
     monkeypatch.setattr(parse_module, "Series", RecordingSeries)
-    monkeypatch.setattr(parse_module, "_simple_series", recording_simple_series)
+    monkeypatch.setattr(parse_module, "_plan_series", recording_plan_series)
     return seen
 
 

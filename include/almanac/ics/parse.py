@@ -28,10 +28,12 @@ import json
 import logging
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import icalendar
 import x_wr_timezone
@@ -42,6 +44,7 @@ from recurring_ical_events import EventAdapter, Series
 from recurring_ical_events.util import to_recurrence_ids
 
 from almanac.errors import PermanentError
+from almanac.ics import fastread
 from almanac.ics.timezones import ZoneResolver, zone_name
 from almanac.timeconv import UTC, as_utc
 
@@ -212,8 +215,14 @@ def parse_feed(
         problems.append("the feed contains NUL characters; they were removed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # icalendar warns on guessed TZIDs; we note our own problems
-        tops = _read_components(text, problems)
-        events = _prepare_events(tops, default_tz, problems)
+        events = (
+            _read_plain_first(text, default_tz, window_start, window_end, problems)
+            if _FAST_READ and _FAST_PATHS
+            else None
+        )
+        if events is None:
+            tops = _read_components(text, problems)
+            events = _prepare_events(tops, default_tz, problems)
         instances = _expand(
             events,
             window_start.astimezone(UTC),
@@ -364,9 +373,14 @@ def _read_leniently(text: str, problems: list[str]) -> list[icalendar.Component]
 
 
 def _prepare_events(
-    tops: list[icalendar.Component], default_tz: tzinfo, problems: list[str]
+    tops: list[icalendar.Component],
+    default_tz: tzinfo,
+    problems: list[str],
+    resolver: ZoneResolver | None = None,
 ) -> list[icalendar.Event]:
-    """Every VEVENT with a UID, our own zones on TZID values, X-WR-TIMEZONE applied, no floating times."""
+    """Every VEVENT with a UID, our own zones on TZID values, X-WR-TIMEZONE applied, no floating times.
+
+    ``resolver``: the feed's, when the caller built it already (``_read_plain_first``)."""
     calendars: list[icalendar.Component] = []
     loose = icalendar.Calendar()
     for component in tops:
@@ -376,10 +390,8 @@ def _prepare_events(
             loose.add_component(component)
     if loose.subcomponents:
         calendars.append(loose)
-    vtimezones = {
-        str(tz["TZID"]): tz for calendar in calendars for tz in calendar.walk("VTIMEZONE") if "TZID" in tz
-    }
-    resolver = ZoneResolver(vtimezones)
+    if resolver is None:
+        resolver = ZoneResolver(_vtimezones(calendars))
     unknown: set[str] = set()
     events: list[icalendar.Event] = []
     for calendar in calendars:
@@ -408,12 +420,23 @@ def _prepare_events(
     return events
 
 
-def _set_uid(event: icalendar.Event) -> None:
-    uid = str(event.get("UID", "") or "").strip()
+def _vtimezones(calendars: list[icalendar.Component]) -> dict[str, icalendar.Component]:
+    return {
+        str(tz["TZID"]): tz for calendar in calendars for tz in calendar.walk("VTIMEZONE") if "TZID" in tz
+    }
+
+
+def _short_form(uid: str) -> str:
+    """A UID as kept: a longer one than ``MAX_UID_CHARS`` becomes ``almanac-<sha1 of it>``."""
     if len(uid) > MAX_UID_CHARS:  # a UID is repeated on every instance row and key: keep it short
-        uid = (
+        return (
             "almanac-" + hashlib.sha1(uid.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
         )
+    return uid
+
+
+def _set_uid(event: icalendar.Event) -> None:
+    uid = _short_form(str(event.get("UID", "") or "").strip())
     if uid:
         if uid != event.get("UID"):
             event["UID"] = uid
@@ -590,6 +613,256 @@ def _consistent_until(start: date | datetime, until: date | datetime, default_tz
             return until.date()
         return until.astimezone(default_tz).date()
     return until
+
+
+# --- plain events, read without icalendar ----------------------------------------------------
+
+#: Plain VEVENTs (see ``_read_plain_first``) are read from ``almanac.ics.fastread``'s lexing;
+#: False reads every feed with icalendar (tests compare the two over the corpus).
+_FAST_READ = True
+_ICAL_UTC = ZoneInfo("UTC")  # what icalendar gives a DATE-TIME ending in Z
+_PLAIN_PROPERTIES = frozenset(
+    (
+        "UID",
+        "DTSTART",
+        "DTEND",
+        "DURATION",
+        "RRULE",
+        "EXDATE",
+        "SEQUENCE",
+        "SUMMARY",
+        "DESCRIPTION",
+        "LOCATION",
+        "STATUS",
+    )
+)
+_PLAIN_TEXTS = ("SUMMARY", "DESCRIPTION", "LOCATION", "STATUS")
+_DATE_TIME_TEXT = re.compile(r"\d{8}T\d{6}Z?")
+_DATE_TEXT = re.compile(r"\d{8}")
+_PLAIN_TZID = re.compile(r"[^\"^:;,\\]+")
+
+
+class _NotPlain(Exception):
+    """This block is read by icalendar."""
+
+
+class _Value:
+    """A DTSTART/DTEND/DURATION as ``_Plain`` holds it (icalendar's: ``.dt`` and ``.params``)."""
+
+    __slots__ = ("dt", "params")
+
+    def __init__(self, dt, params: dict | None = None) -> None:
+        self.dt = dt
+        self.params = params or {}
+
+
+class _Dates:
+    """An EXDATE line as ``_Plain`` holds it (icalendar's vDDDLists: ``.dts``)."""
+
+    __slots__ = ("dts",)
+
+    def __init__(self, dts: list[_Value]) -> None:
+        self.dts = dts
+
+
+class _Plain:
+    """A plain VEVENT read without icalendar, holding what ``_prepare_events`` leaves in an
+    icalendar Event (our zones, X-WR-TIMEZONE applied, no floating time, UNTIL consistent), and
+    answering the same ``get``/``in``/``[]`` the expansion below uses. ``plan``: its instances
+    in the window, computed when it was read (None: its rule is degenerate and it is skipped)."""
+
+    __slots__ = ("_props", "plan", "pos")
+
+    def __init__(self, props: dict[str, Any], pos: int) -> None:
+        self._props = props
+        self.pos = pos
+        self.plan: _Planned | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._props.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._props
+
+    def __getitem__(self, name: str) -> Any:
+        return self._props[name]
+
+
+def _read_plain_first(
+    text: str, default_tz: tzinfo, window_start: datetime, window_end: datetime, problems: list[str]
+) -> list[icalendar.Event | _Plain] | None:
+    """The feed's events, the plain ones read from ``fastread``'s lexing and the others (every
+    block of a UID that appears more than once, all-day events, overrides, RDATE, quoted
+    parameters, anything our expansion would hand to the library...) by icalendar together with
+    the calendar's own lines and VTIMEZONEs, exactly as ``_prepare_events`` reads a whole feed.
+    None: the feed is read by icalendar as a whole (its structure is unusual, or X-WR-TIMEZONE
+    cannot be applied to some time)."""
+    split = fastread.split(text)
+    if split is None:
+        return None
+    try:
+        calendar = icalendar.Calendar.from_ical(_calendar_text(split.header, split.zones, []))
+    except Exception:  # the calendar's own lines or zones are odd: icalendar reads the feed
+        return None
+    resolver = ZoneResolver(_vtimezones([calendar]))
+    x_wr = _x_wr_timezone(calendar, resolver, [])  # its problem is noted by _prepare_events
+    window = (window_start.astimezone(UTC), window_end.astimezone(UTC))
+    uses = Counter(_short_form(uid) for block in split.events for uid in set(block.uids))
+    plains: list[_Plain] = []
+    others: list[fastread.Block] = []
+    for block in split.events:
+        plain = None
+        if block.props is not None and len(block.uids) == 1 and uses[_short_form(block.uids[0])] == 1:
+            try:
+                plain = _plain_event(block, resolver, x_wr, default_tz, window)
+            except _NotPlain:
+                pass
+            except Exception:  # e.g. X-WR-TIMEZONE overflows on this time: icalendar reads the feed
+                return None
+        if plain is None:
+            others.append(block)
+        else:
+            plains.append(plain)
+    noted: list[str] = []
+    tops = [calendar]
+    if others:
+        tops = _read_components(_calendar_text(split.header, split.zones, others), noted)
+    events = _prepare_events(tops, default_tz, noted, resolver=resolver)
+    if x_wr is not None and any(p.startswith("X-WR-TIMEZONE could not be applied") for p in noted):
+        return None  # that applies to the whole feed (or to none of it)
+    problems.extend(noted)
+    if not plains:
+        return events
+    merged: list[tuple[int, icalendar.Event | _Plain]] = [(p.pos, p) for p in plains]
+    merged.extend((_int(event.get(_POS_STASH)), event) for event in events)
+    merged.sort(key=lambda pair: pair[0])  # the feed's order, as icalendar walks it
+    return [event for _, event in merged]
+
+
+_POS_STASH = "X-ALMANAC-POS"
+
+
+def _calendar_text(header: list[str], zones: list[list[str]], blocks: list[fastread.Block]) -> str:
+    lines = ["BEGIN:VCALENDAR", *header]
+    for zone in zones:
+        lines.extend(zone)
+    for block in blocks:
+        lines.append(block.lines[0])
+        lines.append(f"{_POS_STASH}:{block.pos}")
+        lines.extend(block.lines[1:])
+    lines.append("END:VCALENDAR\n")
+    return "\n".join(lines)
+
+
+def _plain_event(
+    block: fastread.Block,
+    resolver: ZoneResolver,
+    x_wr: tzinfo | None,
+    default_tz: tzinfo,
+    window: tuple[datetime, datetime],
+) -> _Plain | None:
+    """A block of one-line properties read as ``_prepare_events`` reads it, with its instances
+    planned; None (or ``_NotPlain``) when anything in it is for icalendar and the library."""
+    props = block.props
+    if "DTSTART" not in props or not props.keys() <= _PLAIN_PROPERTIES:
+        return None
+    if any(len(values) > 1 for name, values in props.items() if name != "EXDATE"):
+        return None
+    uid = _short_form(block.uids[0])
+    if not uid or uid.startswith("almanac-"):  # ours: a UID-less event's digest, a long UID's
+        return None
+
+    def instant(params: dict[str, str], value: str, dates: bool = False) -> date | datetime:
+        if dates and _DATE_TEXT.fullmatch(value):
+            return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+        if not _DATE_TIME_TEXT.fullmatch(value):
+            raise _NotPlain
+        dt = datetime(
+            int(value[:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[9:11]),
+            int(value[11:13]),
+            int(value[13:15]),
+        )
+        tzid = params.get("TZID")
+        if tzid is not None:
+            if len(value) != 15 or not _PLAIN_TZID.fullmatch(tzid):
+                raise _NotPlain
+            tz = resolver.resolve(tzid)
+            if tz is None:  # unknown: _prepare_events notes it
+                raise _NotPlain
+            dt = dt.replace(tzinfo=tz)
+        elif len(value) == 16:
+            dt = dt.replace(tzinfo=_ICAL_UTC)
+        if x_wr is not None:  # as x_wr_timezone's walker: UTC shown in that zone, floating in it
+            if dt.tzinfo is None:
+                return dt.replace(tzinfo=x_wr)
+            if (dt.tzname() or "").upper() == "UTC":
+                return dt.astimezone(x_wr)
+            return dt
+        return dt if dt.tzinfo is not None else dt.replace(tzinfo=default_tz)
+
+    def one(name: str, allowed: tuple[str, ...] = ("TZID",)) -> tuple[dict[str, str], str] | None:
+        values = props.get(name)
+        if values is None:
+            return None
+        params, value = values[0]
+        if not params.keys() <= {*allowed, "VALUE"} or params.get("VALUE", "DATE-TIME") != "DATE-TIME":
+            raise _NotPlain
+        return params, value
+
+    out: dict[str, Any] = {"UID": uid}
+    try:
+        start = instant(*one("DTSTART"))
+        out["DTSTART"] = _Value(start)
+        end = one("DTEND")
+        if end is not None:
+            out["DTEND"] = _Value(instant(*end))
+        duration = one("DURATION", ())
+        if duration is not None:
+            length = vDDDTypes.from_ical(duration[1])
+            if not isinstance(length, timedelta):
+                raise _NotPlain
+            raw = {_RAW_PARAM: duration[1].strip()} if block.raw_duration else {}
+            out["DURATION"] = _Value(length, raw)
+        rule = props.get("RRULE")
+        if rule is not None:
+            params, value = rule[0]
+            if params or "\\" in value:
+                raise _NotPlain
+            recur = vRecur.from_ical(value)
+            if recur.get("UNTIL"):
+                recur["UNTIL"] = [_consistent_until(start, recur["UNTIL"][0], default_tz)]
+            out["RRULE"] = recur
+        exdates = []
+        for params, value in props.get("EXDATE", ()):
+            kind = params.get("VALUE", "DATE-TIME")
+            if not params.keys() <= {"TZID", "VALUE"} or kind not in ("DATE", "DATE-TIME"):
+                raise _NotPlain
+            items = [instant(params, item, dates=True) for item in value.split(",")]
+            if any(isinstance(item, datetime) == (kind == "DATE") for item in items):
+                raise _NotPlain
+            exdates.append(_Dates([_Value(item) for item in items]))
+        if exdates:
+            out["EXDATE"] = exdates if len(exdates) > 1 else exdates[0]
+    except (TypeError, ValueError):  # an impossible date, an unreadable rule or duration
+        raise _NotPlain from None
+    for name in _PLAIN_TEXTS:
+        values = props.get(name)
+        if values is not None:
+            params, value = values[0]
+            if not params.keys() <= {"LANGUAGE"}:
+                return None
+            out[name] = fastread.unescape(value)
+    plain = _Plain(out, block.pos)
+    if "RRULE" in out and _degenerate(plain, *window) is not None:
+        return plain  # skipped with its reason by _expand, as any degenerate series
+    plan = _fast_plan(plain, *window, default_tz)
+    if plan is _NOT_SIMPLE:
+        return None
+    plain.plan = plan
+    return plain
 
 
 # --- expanding -----------------------------------------------------------------------------
@@ -772,11 +1045,9 @@ def _expand_series(
 ) -> Iterator[list[Instance]]:
     """The instances of one series, one list per piece of the window, pieces in time order."""
     if len(components) == 1 and _FAST_PATHS:
-        single = _single_instance(uid, components[0], window_start, window_end, fields)
-        if single is _NOT_SIMPLE:
-            single = _simple_series(uid, components[0], window_start, window_end, default_tz, fields)
-        if single is not _NOT_SIMPLE:
-            yield [single] if isinstance(single, Instance) else (single or [])
+        plan = _fast_plan(components[0], window_start, window_end, default_tz)
+        if plan is not _NOT_SIMPLE:
+            yield _build(uid, plan, components[0], fields)
             return
     adapters = [EventAdapter(c) for c in components]
     master = next((a for a in adapters if not a.is_modification()), None)
@@ -827,16 +1098,40 @@ _NOT_SIMPLE = object()
 _FAST_PATHS = True
 
 
-def _single_instance(
-    uid: str,
-    component: icalendar.Event,
-    window_start: datetime,
-    window_end: datetime,
-    fields: Callable[[icalendar.Event], _Fields],
-) -> Instance | None | object:
-    """The one instance of a timed event that does not recur (None: outside the window or
-    cancelled), computed from its own DTSTART and DTEND/DURATION as instants; ``_NOT_SIMPLE`` for
-    anything else (the library expands those).
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """The instances of a component the direct paths below expand: ``(recurrence id, start, end)``
+    in the window. ``read_fields``: its texts are read (and their cuts noted) even when none is in
+    the window, as for a series; a one-off outside the window is not read at all."""
+
+    items: list[tuple[str, datetime, datetime]]
+    read_fields: bool
+
+
+def _fast_plan(
+    component: icalendar.Event | _Plain, window_start: datetime, window_end: datetime, default_tz: tzinfo
+) -> _Planned | object:
+    """The direct expansion of a component alone in its series, or ``_NOT_SIMPLE`` (the library's)."""
+    if isinstance(component, _Plain) and component.plan is not None:
+        return component.plan
+    plan = _plan_single(component, window_start, window_end)
+    if plan is _NOT_SIMPLE:
+        plan = _plan_series(component, window_start, window_end, default_tz)
+    return plan
+
+
+def _build(uid: str, plan: _Planned, component, fields: Callable[[Any], _Fields]) -> list[Instance]:
+    if not plan.items and not plan.read_fields:
+        return []
+    shared = fields(component)
+    if shared.status_stated == "cancelled":
+        return []
+    return [_instance(uid, rid, shared, start, end) for rid, start, end in plan.items]
+
+
+def _plan_single(component, window_start: datetime, window_end: datetime) -> _Planned | object:
+    """The one instance of a timed event that does not recur, computed from its own DTSTART and
+    DTEND/DURATION as instants; ``_NOT_SIMPLE`` for anything else (the library expands those).
 
     recurring_ical_events orders DTSTART and DTEND by wall time, so an event that starts in the
     first and ends in the repeated hour of a DST fall-back (01:30 PDT to 01:00 PST, written in
@@ -856,21 +1151,13 @@ def _single_instance(
             return _NOT_SIMPLE
         end = length.end(start)
     if not window_start <= start.astimezone(UTC) < window_end:
-        return None
-    shared = fields(component)
-    if shared.status_stated == "cancelled":
-        return None
-    return _instance(uid, "", shared, start, end)
+        return _Planned([], read_fields=False)
+    return _Planned([("", start, end)], read_fields=False)
 
 
-def _simple_series(
-    uid: str,
-    component: icalendar.Event,
-    window_start: datetime,
-    window_end: datetime,
-    default_tz: tzinfo,
-    fields: Callable[[icalendar.Event], _Fields],
-) -> list[Instance] | object:
+def _plan_series(
+    component, window_start: datetime, window_end: datetime, default_tz: tzinfo
+) -> _Planned | object:
     """The instances in the window of a timed series with one RRULE (EXDATEs allowed), no RDATE,
     EXRULE or overrides, and few enough starts for one piece of the window: the rule expanded
     by dateutil as recurring_ical_events does it (DTSTART always one instance, EXDATE matched by
@@ -890,7 +1177,7 @@ def _simple_series(
         return _NOT_SIMPLE
     exdates = []
     for value in _as_list(component.get("EXDATE")):
-        if not isinstance(value, vDDDLists):
+        if not isinstance(value, (vDDDLists, _Dates)):
             return _NOT_SIMPLE
         exdates.extend(item.dt for item in value.dts)
     if any(isinstance(ex, tuple) or (isinstance(ex, datetime) and ex.tzinfo is None) for ex in exdates):
@@ -919,10 +1206,8 @@ def _simple_series(
             ex_days.add(ex)
         else:
             ex_instants.add(ex)
-    shared = fields(component)
-    if shared.status_stated == "cancelled":
-        return []
-    found: dict[str, Instance] = {}
+    items: list[tuple[str, datetime, datetime]] = []
+    found: set[str] = set()
     seen = set()
     for occurrence in starts:
         if occurrence in seen:
@@ -938,8 +1223,9 @@ def _simple_series(
             continue
         rid = _format_rid(occurrence, False, default_tz)
         if rid not in found:
-            found[rid] = _instance(uid, rid, shared, occurrence, length.end(occurrence))
-    return list(found.values())
+            found.add(rid)
+            items.append((rid, occurrence, length.end(occurrence)))
+    return _Planned(items, read_fields=True)
 
 
 def _own_length(component: icalendar.Event, start: datetime):

@@ -74,15 +74,9 @@ def _split(text: str) -> Split:
     events: list[Block] = []
     state = 0  # 0 before the calendar, 1 inside it, 2 after it
     lines = text.split("\n")
-    count = len(lines)
     index = 0
-    while index < count:
-        line = lines[index]
-        index += 1
-        if not line:
-            continue
-        if not _CONTENT_LINE.match(line):
-            raise _NotSimple
+    while (step := _next_line(lines, index)) is not None:
+        line, index = step
         upper = line.upper()
         if state == 0:
             if upper != "BEGIN:VCALENDAR":
@@ -110,17 +104,25 @@ def _split(text: str) -> Split:
     return Split(header=header, zones=zones, events=events)
 
 
-def _skip_component(lines: list[str], index: int, name: str) -> int:
-    """The index after the END of the component opened just before ``index`` (nested ones skipped)."""
-    depth = 1
+def _next_line(lines: list[str], index: int) -> tuple[str, int] | None:
+    """The next non-empty line from ``index`` and the index after it; None at the end of the text.
+    A line that is not a content line makes the feed not simple."""
     count = len(lines)
     while index < count:
         line = lines[index]
         index += 1
-        if not line:
-            continue
-        if not _CONTENT_LINE.match(line):
-            raise _NotSimple
+        if line:
+            if not _CONTENT_LINE.match(line):
+                raise _NotSimple
+            return line, index
+    return None
+
+
+def _skip_component(lines: list[str], index: int, name: str) -> int:
+    """The index after the END of the component opened just before ``index`` (nested ones skipped)."""
+    depth = 1
+    while (step := _next_line(lines, index)) is not None:
+        line, index = step
         upper = line.upper()
         if upper.startswith("BEGIN:"):
             if upper in ("BEGIN:VEVENT", "BEGIN:VCALENDAR"):
@@ -140,16 +142,10 @@ def _event(lines: list[str], index: int, pos: int, events: list[Block]) -> int:
     props: dict[str, list[tuple[dict[str, str], str]]] | None = {}
     uids: list[str] = []
     raw_duration = False
-    count = len(lines)
     while True:
-        if index >= count:
-            raise _NotSimple
-        line = lines[index]
-        index += 1
-        if not line:
-            continue
-        if not _CONTENT_LINE.match(line):
-            raise _NotSimple
+        if (step := _next_line(lines, index)) is None:
+            raise _NotSimple  # no END:VEVENT
+        line, index = step
         upper = line[:16].upper()
         if upper.startswith("BEGIN:"):
             if line.upper() in ("BEGIN:VEVENT", "BEGIN:VCALENDAR"):

@@ -640,6 +640,8 @@ _PLAIN_TEXTS = ("SUMMARY", "DESCRIPTION", "LOCATION", "STATUS")
 _DATE_TIME_TEXT = re.compile(r"\d{8}T\d{6}Z?")
 _DATE_TEXT = re.compile(r"\d{8}")
 _PLAIN_TZID = re.compile(r"[^\"^:;,\\]+")
+#: Where each block re-read by icalendar stood among the feed's VEVENTs (``_calendar_text``).
+_POS_STASH = "X-ALMANAC-POS"
 
 
 class _NotPlain(Exception):
@@ -712,9 +714,10 @@ def _read_plain_first(
     others: list[fastread.Block] = []
     for block in split.events:
         plain = None
-        if block.props is not None and len(block.uids) == 1 and uses[_short_form(block.uids[0])] == 1:
+        uid = _short_form(block.uids[0]) if len(block.uids) == 1 else None
+        if block.props is not None and uid is not None and uses[uid] == 1:
             try:
-                plain = _plain_event(block, resolver, x_wr, default_tz, window)
+                plain = _plain_event(block, uid, resolver, x_wr, default_tz, window)
             except _NotPlain:
                 pass
             except Exception:  # e.g. X-WR-TIMEZONE overflows on this time: icalendar reads the feed
@@ -739,9 +742,6 @@ def _read_plain_first(
     return [event for _, event in merged]
 
 
-_POS_STASH = "X-ALMANAC-POS"
-
-
 def _calendar_text(header: list[str], zones: list[list[str]], blocks: list[fastread.Block]) -> str:
     lines = ["BEGIN:VCALENDAR", *header]
     for zone in zones:
@@ -756,19 +756,20 @@ def _calendar_text(header: list[str], zones: list[list[str]], blocks: list[fastr
 
 def _plain_event(
     block: fastread.Block,
+    uid: str,
     resolver: ZoneResolver,
     x_wr: tzinfo | None,
     default_tz: tzinfo,
     window: tuple[datetime, datetime],
 ) -> _Plain | None:
     """A block of one-line properties read as ``_prepare_events`` reads it, with its instances
-    planned; None (or ``_NotPlain``) when anything in it is for icalendar and the library."""
+    planned; None (or ``_NotPlain``) when anything in it is for icalendar and the library.
+    ``uid``: its one UID as kept (``_short_form``)."""
     props = block.props
     if "DTSTART" not in props or not props.keys() <= _PLAIN_PROPERTIES:
         return None
     if any(len(values) > 1 for name, values in props.items() if name != "EXDATE"):
         return None
-    uid = _short_form(block.uids[0])
     if not uid or uid.startswith("almanac-"):  # ours: a UID-less event's digest, a long UID's
         return None
 

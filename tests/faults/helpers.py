@@ -108,6 +108,7 @@ class Airflow:
     """The REST API calls the fault tests make (official ``apache-airflow-client``)."""
 
     def __init__(self, client) -> None:
+        from airflow_client.client.api.asset_api import AssetApi
         from airflow_client.client.api.connection_api import ConnectionApi
         from airflow_client.client.api.dag_api import DAGApi
         from airflow_client.client.api.dag_run_api import DagRunApi
@@ -122,6 +123,7 @@ class Airflow:
         self.variables = VariableApi(client)
         self.connections = ConnectionApi(client)
         self.xcoms = XComApi(client)
+        self.assets = AssetApi(client)
 
     # --- configuration ---------------------------------------------------------------
     def set_settings(self, **settings) -> None:
@@ -158,6 +160,10 @@ class Airflow:
 
     def active_runs(self, dag_id: str) -> list:
         return [r for r in self.runs.get_dag_runs(dag_id, limit=100).dag_runs if r.state not in FINISHED]
+
+    def queued_asset_events(self, dag_id: str) -> int:
+        """Asset events that will start a run of ``dag_id`` the scheduler has not created yet."""
+        return self.assets.get_dag_asset_queued_events(dag_id).total_entries
 
     def wait_idle(self, dag_id: str, timeout: float = 240) -> None:
         """Until no run of ``dag_id`` is queued or running."""

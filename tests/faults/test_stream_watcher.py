@@ -67,8 +67,15 @@ def _synced(app_db_url, ids) -> bool:
 
 
 def _drained(airflow, redis_conn) -> bool:
-    """Nothing pending in the group, nothing left in the stream, no run of the DAG still going."""
-    return _pending(redis_conn) == 0 and redis_conn.xlen(STREAM_KEY) == 0 and not airflow.active_runs(DAG)
+    """Nothing pending in the group, nothing left in the stream, no asset event waiting for the
+    scheduler to make it a run (the watcher acknowledges an entry once its event is stored, a
+    scheduler loop before the run exists), no run of the DAG still going."""
+    return (
+        _pending(redis_conn) == 0
+        and redis_conn.xlen(STREAM_KEY) == 0
+        and airflow.queued_asset_events(DAG) == 0
+        and not airflow.active_runs(DAG)
+    )
 
 
 def _run_ids(airflow) -> set[str]:

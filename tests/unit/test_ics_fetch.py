@@ -1,7 +1,8 @@
-"""almanac.ics.fetch through the real requests client against a local feed server."""
+"""almanac.ics.fetch (urllib3 pools from a requests session) against a local feed server."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import logging
@@ -565,6 +566,20 @@ def test_a_cookie_one_feed_sets_is_never_sent_with_another_calendars_request(ser
         get(server, "/a.ics", session=session)
         get(server, "/b.ics", session=session)
     assert "Cookie" not in server.requests[-1].headers
+
+
+def test_credentials_in_the_feed_url_are_sent_as_basic_auth_to_that_host_only(server):
+    """A private feed URL may carry ``user:password@``: sent as HTTP Basic auth (as browsers and
+    ``requests`` do), never kept for the next calendar's request on the same session."""
+    server.routes["/private.ics"] = Route(body=ICS)
+    server.routes["/public.ics"] = Route(body=ICS)
+    with_credentials = server.url("/private.ics").replace("://", "://ann%40home:s3cr%3At@", 1)
+    with new_session() as session:
+        assert fetch_feed(with_credentials, session=session, allow_hosts=server.allow_hosts).body == ICS
+        sent = server.requests[-1].headers["Authorization"]
+        get(server, "/public.ics", session=session)
+    assert base64.b64decode(sent.removeprefix("Basic ")) == b"ann@home:s3cr:t"
+    assert "Authorization" not in server.requests[-1].headers
 
 
 def test_304_keeps_the_connection_alive_for_the_next_calendar(server):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -165,6 +165,81 @@ def test_the_simple_series_path_agrees_with_the_library(case, monkeypatch):
     assert fast.instances == library.instances and fast.problems == library.problems
 
 
+DAY_STARTS = ["20240131", "20240229", "20240331", "20241027", "20231201"]
+DAY_RULES = [
+    "FREQ=DAILY;COUNT=10",
+    "FREQ=WEEKLY;BYDAY=MO,WE,FR;UNTIL=20240930",
+    "FREQ=WEEKLY;INTERVAL=2",
+    "FREQ=MONTHLY;BYMONTHDAY=31",
+    "FREQ=MONTHLY;BYDAY=-1FR;COUNT=12",
+    "FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29",
+    "FREQ=MONTHLY;BYSETPOS=-1;BYDAY=MO,TU,WE,TH,FR",
+    "FREQ=DAILY;UNTIL=20240101",  # before some starts: DTSTART alone, or nothing
+]
+DAY_ENDS = ["", "DTEND;VALUE=DATE:{next}", "DTEND;VALUE=DATE:{week}", "DTEND:{next}"]
+
+
+def day_series_feed(start: str, rule: str, end: str, exdates: list[str]) -> bytes:
+    day = datetime.strptime(start, "%Y%m%d").date()
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//almanac tests//EN", "X-WR-TIMEZONE:Asia/Tokyo"]
+    lines += ["BEGIN:VEVENT", "UID:day-series", f"DTSTART;VALUE=DATE:{start}", f"RRULE:{rule}"]
+    if end:
+        later = {"next": day + timedelta(days=1), "week": day + timedelta(days=7)}
+        lines.append(end.format(**{name: value.strftime("%Y%m%d") for name, value in later.items()}))
+    lines += exdates + ["SUMMARY:D", "END:VEVENT", "END:VCALENDAR"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+DAY_CASES = [
+    (start, rule, DAY_ENDS[n % len(DAY_ENDS)], forms)
+    for n, (start, rule) in enumerate(itertools.product(DAY_STARTS, DAY_RULES))
+    for forms in (
+        [],
+        [f"EXDATE;VALUE=DATE:{start}"],
+        ["EXDATE;VALUE=DATE:20240304,20240401"],
+        ["EXDATE:20240304T000000Z"],  # a DATE-TIME on an all-day series: the library's reading
+    )
+]
+
+
+@pytest.mark.parametrize("case", DAY_CASES, ids=lambda c: "|".join([c[0], c[1], c[2][:9], str(c[3])[:30]]))
+def test_the_all_day_series_path_agrees_with_the_library(case, monkeypatch):
+    fast, library = both_ways(
+        day_series_feed(*case),
+        monkeypatch,
+        window_start=datetime(2024, 3, 1, 15, tzinfo=UTC),  # not at a midnight: the window is exact
+        window_end=datetime(2025, 1, 1, tzinfo=UTC),
+        calendar_tz="America/Los_Angeles",
+    )
+    if isinstance(fast, type):
+        assert fast is library
+        return
+    assert [(i.recurrence_id, i.start, i.end) for i in fast.instances] == [
+        (i.recurrence_id, i.start, i.end) for i in library.instances
+    ]
+    assert fast.instances == library.instances and fast.problems == library.problems
+
+
+def test_most_all_day_series_take_the_direct_path(monkeypatch):
+    """Else the comparison above would compare the library with itself."""
+    direct = parse_module._plan_day_series
+    taken = []
+
+    def counting(*args, **kwargs):
+        result = direct(*args, **kwargs)
+        taken.append(result is not parse_module._NOT_SIMPLE)
+        return result
+
+    monkeypatch.setattr(parse_module, "_plan_day_series", counting)
+    for case in DAY_CASES:
+        parse_feed(
+            day_series_feed(*case),
+            window_start=datetime(2024, 3, 1, tzinfo=UTC),
+            window_end=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+    assert sum(taken) > 0.6 * len(DAY_CASES)
+
+
 # --- plain events read without icalendar ----------------------------------------------------
 
 PLAIN_FEEDS = {
@@ -192,6 +267,21 @@ PLAIN_EVENTS = [
     "UID:leap\nDTSTART:20240230T100000Z",
     "UID:edge\nDTSTART:99991231T230000Z\nDTEND:99991231T233000Z",
     "DTSTART:20240601T100000Z\nSUMMARY:no uid",
+    # all-day forms: read by our reader where the library's reading is plain, else by icalendar
+    "UID:day-bare\nDTSTART:20240605\nDTEND:20240607",  # eight digits: icalendar reads a DATE
+    "UID:day-no-end\nDTSTART;VALUE=DATE:20240608",
+    "UID:day-same-end\nDTSTART;VALUE=DATE:20240609\nDTEND;VALUE=DATE:20240609",
+    "UID:day-before\nDTSTART;VALUE=DATE:20240610\nDTEND;VALUE=DATE:20240608",
+    "UID:day-duration\nDTSTART;VALUE=DATE:20240611\nDURATION:P2D",
+    "UID:day-zoned\nDTSTART;VALUE=DATE;TZID=Europe/Berlin:20240612",
+    "UID:day-timed-end\nDTSTART;VALUE=DATE:20240613\nDTEND:20240613T120000Z",
+    "UID:day-series\nDTSTART;VALUE=DATE:20240301\nDTEND;VALUE=DATE:20240303\nRRULE:FREQ=WEEKLY;UNTIL=20240601"
+    "\nEXDATE;VALUE=DATE:20240308,20240315",
+    "UID:day-series-timed-until\nDTSTART;VALUE=DATE:20240301\nRRULE:FREQ=MONTHLY;UNTIL=20240901T000000Z",
+    "UID:day-series-count\nDTSTART;VALUE=DATE:20231231\nRRULE:FREQ=YEARLY;COUNT=3",
+    "UID:day-series-timed-exdate\nDTSTART;VALUE=DATE:20240401\nRRULE:FREQ=DAILY;COUNT=5"
+    "\nEXDATE:20240402T000000Z",
+    "UID:day-series-until-before\nDTSTART;VALUE=DATE:20240501\nRRULE:FREQ=DAILY;UNTIL=20240401",
 ]
 
 
@@ -236,5 +326,19 @@ def test_a_feed_of_plain_events_is_read_without_icalendar_parsing_its_events(mon
         "utc-zone",
         "series",
     }
-    parse_feed(plain_feed([], PLAIN_EVENTS[:5] + PLAIN_EVENTS[9:10]), **window)
-    assert read == [1]  # only the all-day event went to icalendar
+    parse_feed(plain_feed([], PLAIN_EVENTS[:5] + PLAIN_EVENTS[9:11]), **window)
+    assert read == [1]  # the all-day event is read too; only the quoted parameters went to icalendar
+
+
+def test_all_day_events_read_without_icalendar_give_what_the_library_gives(monkeypatch):
+    days = [event for event in PLAIN_EVENTS if event.startswith("UID:day-")] + [PLAIN_EVENTS[9]]
+    fast, library = both_ways(
+        plain_feed(["X-WR-TIMEZONE:America/New_York"], days),
+        monkeypatch,
+        window_start=datetime(2024, 3, 4, 12, tzinfo=UTC),
+        window_end=datetime(2025, 1, 1, tzinfo=UTC),
+        calendar_tz="Pacific/Auckland",
+    )
+    assert not isinstance(fast, type)
+    assert len({i.uid for i in fast.instances}) >= 8
+    assert fast.instances == library.instances and fast.problems == library.problems

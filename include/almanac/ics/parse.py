@@ -46,7 +46,7 @@ from recurring_ical_events.util import to_recurrence_ids
 from almanac.errors import PermanentError
 from almanac.ics import fastread
 from almanac.ics.timezones import ZoneResolver, zone_name
-from almanac.timeconv import UTC, as_utc
+from almanac.timeconv import UTC, all_day_instant, as_utc
 
 __all__ = ["CUT_MARK", "MAX_PROBLEMS", "FeedParseError", "Instance", "ParseResult", "parse_feed"]
 
@@ -694,7 +694,7 @@ def _read_plain_first(
     text: str, default_tz: tzinfo, window_start: datetime, window_end: datetime, problems: list[str]
 ) -> list[icalendar.Event | _Plain] | None:
     """The feed's events, the plain ones read from ``fastread``'s lexing and the others (every
-    block of a UID that appears more than once, all-day events, overrides, RDATE, quoted
+    block of a UID that appears more than once, overrides, RDATE, quoted
     parameters, anything our expansion would hand to the library...) by icalendar together with
     the calendar's own lines and VTIMEZONEs, exactly as ``_prepare_events`` reads a whole feed.
     None: the feed is read by icalendar as a whole (its structure is unusual, or X-WR-TIMEZONE
@@ -813,13 +813,27 @@ def _plain_event(
             raise _NotPlain
         return params, value
 
+    def day_or_instant(name: str) -> date | datetime | None:
+        """DTSTART/DTEND: a DATE-TIME, or a DATE (``VALUE=DATE``, or eight digits as icalendar
+        reads them) without TZID."""
+        values = props.get(name)
+        if values is None:
+            return None
+        params, value = values[0]
+        kind = params.get("VALUE")
+        if kind == "DATE" or (kind is None and _DATE_TEXT.fullmatch(value)):
+            if not params.keys() <= {"VALUE"} or not _DATE_TEXT.fullmatch(value):
+                raise _NotPlain
+            return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+        return instant(*one(name))
+
     out: dict[str, Any] = {"UID": uid}
     try:
-        start = instant(*one("DTSTART"))
+        start = day_or_instant("DTSTART")
         out["DTSTART"] = _Value(start)
-        end = one("DTEND")
+        end = day_or_instant("DTEND")
         if end is not None:
-            out["DTEND"] = _Value(instant(*end))
+            out["DTEND"] = _Value(end)
         duration = one("DURATION", ())
         if duration is not None:
             length = vDDDTypes.from_ical(duration[1])
@@ -1131,8 +1145,9 @@ def _build(uid: str, plan: _Planned, component, fields: Callable[[Any], _Fields]
 
 
 def _plan_single(component, window_start: datetime, window_end: datetime) -> _Planned | object:
-    """The one instance of a timed event that does not recur, computed from its own DTSTART and
-    DTEND/DURATION as instants; ``_NOT_SIMPLE`` for anything else (the library expands those).
+    """The one instance of an event that does not recur, computed from its own DTSTART and
+    DTEND/DURATION as instants (an all-day one from its dates, see ``_day_length``);
+    ``_NOT_SIMPLE`` for anything else (the library expands those).
 
     recurring_ical_events orders DTSTART and DTEND by wall time, so an event that starts in the
     first and ends in the repeated hour of a DST fall-back (01:30 PDT to 01:00 PST, written in
@@ -1140,6 +1155,13 @@ def _plan_single(component, window_start: datetime, window_end: datetime) -> _Pl
     if any(name in component for name in ("RRULE", "RDATE", "EXDATE", "EXRULE", "RECURRENCE-ID")):
         return _NOT_SIMPLE
     start = component["DTSTART"].dt
+    if type(start) is date:
+        days = _day_length(component, start)
+        if days is _NOT_SIMPLE:
+            return _NOT_SIMPLE
+        if not window_start <= all_day_instant(start) < window_end:
+            return _Planned([], read_fields=False)
+        return _Planned([("", start, start + days)], read_fields=False)
     if not isinstance(start, datetime) or start.tzinfo is None:
         return _NOT_SIMPLE
     dtend = component["DTEND"].dt if "DTEND" in component else None
@@ -1169,9 +1191,11 @@ def _plan_series(
     start = component["DTSTART"].dt
     if len(rules) != 1 or not isinstance(rules[0], vRecur):
         return _NOT_SIMPLE
-    if not isinstance(start, datetime) or start.tzinfo is None:
-        return _NOT_SIMPLE
     if _rate(rules[0]) * (window_end - window_start).total_seconds() > _CHUNK_TARGET:
+        return _NOT_SIMPLE
+    if type(start) is date:
+        return _plan_day_series(component, rules[0], start, window_start, window_end, default_tz)
+    if not isinstance(start, datetime) or start.tzinfo is None:
         return _NOT_SIMPLE
     length = _own_length(component, start)
     if length is _NOT_SIMPLE:
@@ -1226,6 +1250,64 @@ def _plan_series(
         if rid not in found:
             found.add(rid)
             items.append((rid, occurrence, length.end(occurrence)))
+    return _Planned(items, read_fields=True)
+
+
+def _day_length(component, start: date) -> timedelta | object:
+    """How many days an all-day component lasts, as the library reads it: DTEND - DTSTART, one
+    day without DTEND or DURATION; ``_NOT_SIMPLE`` for a DURATION, or a DTEND that is not a
+    later date."""
+    if "DURATION" in component:
+        return _NOT_SIMPLE
+    dtend = component.get("DTEND")
+    if dtend is None:
+        return timedelta(days=1)
+    end = dtend.dt
+    if type(end) is not date or end <= start:
+        return _NOT_SIMPLE
+    return end - start
+
+
+def _plan_day_series(
+    component, rule: vRecur, start: date, window_start: datetime, window_end: datetime, default_tz: tzinfo
+) -> _Planned | object:
+    """``_plan_series`` for an all-day series (DATE DTSTART, DTEND, EXDATEs and UNTIL), as
+    recurring_ical_events computes it: the rule over midnights without a zone, the window read
+    as UTC wall time, each start turned back into its date."""
+    days = _day_length(component, start)
+    if days is _NOT_SIMPLE:
+        return _NOT_SIMPLE
+    ex_days = set()
+    for value in _as_list(component.get("EXDATE")):
+        if not isinstance(value, (vDDDLists, _Dates)):
+            return _NOT_SIMPLE
+        for item in value.dts:
+            if type(item.dt) is not date:
+                return _NOT_SIMPLE
+            ex_days.add(item.dt)
+    until = rule.get("UNTIL")
+    until = until[0] if until else None
+    if until is not None and type(until) is not date:
+        return _NOT_SIMPLE
+    first = datetime(start.year, start.month, start.day)
+    try:
+        rule_text = _NEGATIVE_COUNT.sub("", rule.to_ical().decode())
+        expanded = rrulestr(rule_text, dtstart=first, cache=False)
+        lo = (window_start - timedelta(days=1)).astimezone(UTC).replace(tzinfo=None)
+        hi = (window_end + timedelta(days=1)).astimezone(UTC).replace(tzinfo=None)
+        starts = [occurrence.date() for occurrence in expanded.between(lo, hi, inc=True)]
+    except Exception:  # whatever dateutil refuses, the library path reports
+        return _NOT_SIMPLE
+    if until is None or start <= until:  # RFC 5545 3.8.5.3: DTSTART is the first instance
+        starts.append(start)
+    items: list[tuple[str, date, date]] = []
+    seen: set[date] = set()
+    for day in sorted(starts):
+        if day in seen or day in ex_days or (until is not None and day > until):
+            continue
+        seen.add(day)
+        if window_start <= all_day_instant(day) < window_end:
+            items.append((_format_rid(day, True, default_tz), day, day + days))
     return _Planned(items, read_fields=True)
 
 

@@ -342,3 +342,109 @@ def test_all_day_events_read_without_icalendar_give_what_the_library_gives(monke
     assert not isinstance(fast, type)
     assert len({i.uid for i in fast.instances}) >= 8
     assert fast.instances == library.instances and fast.problems == library.problems
+
+
+# --- series with overrides (RECURRENCE-ID) ----------------------------------------------------
+
+GROUP_MASTERS = [
+    ("Europe/Berlin", "DTSTART;TZID={tz}:20240301T100000", "DTEND;TZID={tz}:20240301T110000", "FREQ=WEEKLY"),
+    ("America/New_York", "DTSTART;TZID={tz}:20240310T013000", "DURATION:PT90M", "FREQ=DAILY;COUNT=30"),
+    ("Australia/Lord_Howe", "DTSTART;TZID={tz}:20240401T020000", "", "FREQ=WEEKLY;BYDAY=SU,WE;UNTIL=20240601"),  # noqa: E501
+    ("UTC", "DTSTART:20240301T100000Z", "DTEND:20240301T103000Z", "FREQ=MONTHLY;BYDAY=1FR"),
+    ("", "DTSTART;VALUE=DATE:20240301", "DTEND;VALUE=DATE:20240302", "FREQ=WEEKLY;COUNT=20"),
+]
+
+
+def group_overrides(tz: str, all_day: bool) -> list[list[str]]:
+    """Override sets: moved, cancelled, on an EXDATE, matching no instance, from outside the window
+    into it, with a UTC RECURRENCE-ID (another zone: the library's path), with RANGE, duplicated."""
+    if all_day:
+        rid = lambda day: f"RECURRENCE-ID;VALUE=DATE:{day}"  # noqa: E731
+        at = lambda day: f"DTSTART;VALUE=DATE:{day}"  # noqa: E731
+        moved, other, outside, exdated = "20240308", "20240309", "20240223", "20240315"
+    else:
+        zone = f";TZID={tz}" if tz != "UTC" else ""
+        z = "Z" if tz == "UTC" else ""
+        first = {"Europe/Berlin": "20240308T100000", "America/New_York": "20240312T013000",
+                 "Australia/Lord_Howe": "20240403T020000", "UTC": "20240405T100000"}[tz]
+        rid = lambda value: f"RECURRENCE-ID{zone}:{value}{z}"  # noqa: E731
+        at = lambda value: f"DTSTART{zone}:{value}{z}"  # noqa: E731
+        moved, other, outside, exdated = first, first[:9] + "151500", "20240201T100000", first
+    sets = [
+        [[rid(moved), at(other), "SUMMARY:moved"]],
+        [[rid(moved), at(other), "DURATION:P1D" if all_day else "DURATION:PT2H", "SUMMARY:moved, longer"]],
+        [[rid(moved), at(moved), "STATUS:CANCELLED"]],
+        [[rid(exdated), at(other), "SUMMARY:on an exdate"]],
+        [[rid(other), at(other), "SUMMARY:no such instance"]],
+        [[rid(outside), at(moved), "SUMMARY:moved into the window"]],
+        [[rid(moved), at(other)], [rid(outside), at(outside)]],
+    ]
+    if not all_day and tz != "UTC":
+        sets.append([["RECURRENCE-ID:20240308T090000Z", at(other)]])
+        sets.append([[rid(moved).replace(":", ";RANGE=THISANDFUTURE:", 1), at(other)]])
+    return sets
+
+
+def group_feed(tz: str, dtstart: str, end: str, rule: str, overrides: list[list[str]], exdate: bool) -> bytes:
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//almanac tests//EN"]
+    master = ["BEGIN:VEVENT", "UID:group", dtstart.format(tz=tz), f"RRULE:{rule}", "SUMMARY:M"]
+    if end:
+        master.append(end.format(tz=tz))
+    if exdate:
+        all_day = "VALUE=DATE" in dtstart
+        master.append(
+            "EXDATE;VALUE=DATE:20240315" if all_day else dtstart.format(tz=tz).replace("DTSTART", "EXDATE", 1)
+        )
+    lines += [*master, "END:VEVENT"]
+    for override in overrides:
+        lines += ["BEGIN:VEVENT", "UID:group", "SEQUENCE:1", *override, "END:VEVENT"]
+    lines.append("END:VCALENDAR")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+GROUP_CASES = [
+    (tz, dtstart, end, rule, overrides, exdate)
+    for tz, dtstart, end, rule in GROUP_MASTERS
+    for overrides in group_overrides(tz or "UTC", "VALUE=DATE" in dtstart)
+    for exdate in (False, True)
+]
+
+
+def _group_id(case) -> str:
+    return f"{case[0] or 'date'}|{case[3][:9]}|{str(case[4])[:30]}|{case[5]}"
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=_group_id)
+def test_the_override_series_path_agrees_with_the_library(case, monkeypatch):
+    fast, library = both_ways(
+        group_feed(*case),
+        monkeypatch,
+        window_start=datetime(2024, 3, 5, tzinfo=UTC),
+        window_end=datetime(2024, 12, 1, tzinfo=UTC),
+        calendar_tz="Asia/Kolkata",
+    )
+    assert not isinstance(fast, type)
+    assert [(i.recurrence_id, i.start, i.end, i.summary) for i in fast.instances] == [
+        (i.recurrence_id, i.start, i.end, i.summary) for i in library.instances
+    ]
+    assert fast.instances == library.instances and fast.problems == library.problems
+
+
+def test_most_override_series_take_the_direct_path(monkeypatch):
+    """Else the comparison above would compare the library with itself."""
+    direct = parse_module._plan_group
+    taken = []
+
+    def counting(*args, **kwargs):
+        result = direct(*args, **kwargs)
+        taken.append(result is not parse_module._NOT_SIMPLE)
+        return result
+
+    monkeypatch.setattr(parse_module, "_plan_group", counting)
+    for case in GROUP_CASES:
+        parse_feed(
+            group_feed(*case),
+            window_start=datetime(2024, 3, 5, tzinfo=UTC),
+            window_end=datetime(2024, 12, 1, tzinfo=UTC),
+        )
+    assert sum(taken) > 0.7 * len(GROUP_CASES)

@@ -1064,6 +1064,11 @@ def _expand_series(
         if plan is not _NOT_SIMPLE:
             yield _build(uid, plan, components[0], fields)
             return
+    elif _FAST_PATHS:
+        plans = _plan_group(components, window_start, window_end, default_tz)
+        if plans is not _NOT_SIMPLE:
+            yield [instance for component, plan in plans for instance in _build(uid, plan, component, fields)]
+            return
     adapters = [EventAdapter(c) for c in components]
     master = next((a for a in adapters if not a.is_modification()), None)
     recurring = master is not None and ("RRULE" in master._component or "RDATE" in master._component)
@@ -1251,6 +1256,85 @@ def _plan_series(
             found.add(rid)
             items.append((rid, occurrence, length.end(occurrence)))
     return _Planned(items, read_fields=True)
+
+
+_RULE_PROPERTIES = ("RRULE", "RDATE", "EXDATE", "EXRULE")
+
+
+def _plan_group(
+    components: list, window_start: datetime, window_end: datetime, default_tz: tzinfo
+) -> list[tuple[Any, _Planned]] | object:
+    """The direct expansion of a series with overrides: one master that ``_plan_series`` expands
+    and overrides (RECURRENCE-ID without RANGE, no rules of their own) whose RECURRENCE-ID has
+    the master's kind and zone; ``_NOT_SIMPLE`` for anything else.
+
+    As recurring_ical_events does it: a master instance is replaced by the override its
+    recurrence ids (UTC and wall time) find; every override not excluded by an EXDATE is an
+    instance of its own at its own DTSTART, whether or not it matches an instance of the rule.
+    Returns ``(component, plan)`` pairs, the master first."""
+    masters = [c for c in components if "RECURRENCE-ID" not in c]
+    if len(masters) != 1 or "RRULE" not in masters[0]:
+        return _NOT_SIMPLE
+    master = masters[0]
+    start = master["DTSTART"].dt
+    all_day = type(start) is date
+    plan = _fast_plan(master, window_start, window_end, default_tz)
+    if plan is _NOT_SIMPLE:
+        return _NOT_SIMPLE
+    excluded = set()
+    for value in _as_list(master.get("EXDATE")):
+        for item in value.dts:
+            excluded.update(to_recurrence_ids(item.dt))
+    by_key: dict[object, Any] = {}
+    planned: list[tuple[Any, _Planned]] = []
+    for override in components:
+        if override is master:
+            continue
+        if "DTSTART" not in override or any(name in override for name in _RULE_PROPERTIES):
+            return _NOT_SIMPLE
+        rid_property = override["RECURRENCE-ID"]
+        rid, own_start = rid_property.dt, override["DTSTART"].dt
+        if getattr(rid_property, "params", {}).get("RANGE"):
+            return _NOT_SIMPLE
+        if all_day:
+            if type(rid) is not date or type(own_start) is not date:
+                return _NOT_SIMPLE
+            days = _day_length(override, own_start)
+            if days is _NOT_SIMPLE:
+                return _NOT_SIMPLE
+            own_end = own_start + days
+        else:
+            if not isinstance(rid, datetime) or rid.tzinfo is not start.tzinfo:
+                return _NOT_SIMPLE
+            if not isinstance(own_start, datetime) or own_start.tzinfo is None:
+                return _NOT_SIMPLE
+            length = _own_length(override, own_start)
+            if length is _NOT_SIMPLE:
+                return _NOT_SIMPLE
+            own_end = length.end(own_start)
+        begins, ends = as_utc(own_start), as_utc(own_end)
+        inside = window_start <= begins < window_end
+        keys = to_recurrence_ids(rid)
+        if any(key in by_key for key in keys):
+            return _NOT_SIMPLE
+        by_key.update(dict.fromkeys(keys, override))
+        if excluded & set(keys):
+            continue
+        items = [(_format_rid(rid, all_day, default_tz), own_start, own_end)] if inside else []
+        # its texts are read when the library yields it: when it overlaps the window (a
+        # zero-length one when it starts inside), even if it starts before
+        overlaps = inside or (begins < window_end and ends > window_start)
+        planned.append((override, _Planned(items, read_fields=overlaps)))
+    kept = []
+    for item in plan.items:
+        found = None
+        for key in to_recurrence_ids(item[1]):
+            found = by_key.get(key, found)
+        if found is None:
+            kept.append(item)
+        elif found["RECURRENCE-ID"].dt != item[1] or _format_rid(item[1], all_day, default_tz) != item[0]:
+            return _NOT_SIMPLE  # an override found by another instance's key: the library's reading
+    return [(master, _Planned(kept, read_fields=plan.read_fields)), *planned]
 
 
 def _day_length(component, start: date) -> timedelta | object:

@@ -385,8 +385,10 @@ def group_overrides(tz: str, all_day: bool) -> list[list[str]]:
     return sets
 
 
-def group_feed(tz: str, dtstart: str, end: str, rule: str, overrides: list[list[str]], exdate: bool) -> bytes:
-    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//almanac tests//EN"]
+def group_feed(
+    tz: str, dtstart: str, end: str, rule: str, overrides: list[list[str]], exdate: bool, header: str = ""
+) -> bytes:
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//almanac tests//EN", *([header] if header else [])]
     master = ["BEGIN:VEVENT", "UID:group", dtstart.format(tz=tz), f"RRULE:{rule}", "SUMMARY:M"]
     if end:
         master.append(end.format(tz=tz))
@@ -403,15 +405,15 @@ def group_feed(tz: str, dtstart: str, end: str, rule: str, overrides: list[list[
 
 
 GROUP_CASES = [
-    (tz, dtstart, end, rule, overrides, exdate)
+    (tz, dtstart, end, rule, overrides, exdate, header)
     for tz, dtstart, end, rule in GROUP_MASTERS
     for overrides in group_overrides(tz or "UTC", "VALUE=DATE" in dtstart)
-    for exdate in (False, True)
+    for exdate, header in ((False, ""), (True, ""), (False, "X-WR-TIMEZONE:America/Chicago"))
 ]
 
 
 def _group_id(case) -> str:
-    return f"{case[0] or 'date'}|{case[3][:9]}|{str(case[4])[:30]}|{case[5]}"
+    return f"{case[0] or 'date'}|{case[3][:9]}|{str(case[4])[:30]}|{case[5]}|{case[6][-7:]}"
 
 
 @pytest.mark.parametrize("case", GROUP_CASES, ids=_group_id)
@@ -448,3 +450,22 @@ def test_most_override_series_take_the_direct_path(monkeypatch):
             window_end=datetime(2024, 12, 1, tzinfo=UTC),
         )
     assert sum(taken) > 0.7 * len(GROUP_CASES)
+
+
+def test_series_with_overrides_are_read_without_icalendar(monkeypatch):
+    read = []
+    original = parse_module._read_components
+
+    def recording(text, problems):
+        read.append(text.count("BEGIN:VEVENT"))
+        return original(text, problems)
+
+    monkeypatch.setattr(parse_module, "_read_components", recording)
+    tz, dtstart, end, rule = GROUP_MASTERS[0]
+    moved, cancelled = group_overrides(tz, False)[:2]
+    window = dict(window_start=datetime(2024, 3, 5, tzinfo=UTC), window_end=datetime(2024, 12, 1, tzinfo=UTC))
+    result = parse_feed(group_feed(tz, dtstart, end, rule, moved + cancelled[1:], False), **window)
+    assert read == [] and "moved" in {i.summary for i in result.instances}
+    ranged = [[group_overrides(tz, False)[-1][0][0], "DTSTART;TZID=Europe/Berlin:20240308T120000"]]
+    parse_feed(group_feed(tz, dtstart, end, rule, ranged, False), **window)
+    assert read == [2]  # RANGE=THISANDFUTURE: the whole series went to icalendar

@@ -636,6 +636,7 @@ _PLAIN_PROPERTIES = frozenset(
         "STATUS",
     )
 )
+_MEMBER_PROPERTIES = _PLAIN_PROPERTIES | {"RECURRENCE-ID"}
 _PLAIN_TEXTS = ("SUMMARY", "DESCRIPTION", "LOCATION", "STATUS")
 _DATE_TIME_TEXT = re.compile(r"\d{8}T\d{6}Z?")
 _DATE_TEXT = re.compile(r"\d{8}")
@@ -673,12 +674,14 @@ class _Plain:
     answering the same ``get``/``in``/``[]`` the expansion below uses. ``plan``: its instances
     in the window, computed when it was read (None: its rule is degenerate and it is skipped)."""
 
-    __slots__ = ("_props", "plan", "pos")
+    __slots__ = ("_props", "group_plan", "plan", "pos")
 
     def __init__(self, props: dict[str, Any], pos: int) -> None:
         self._props = props
         self.pos = pos
         self.plan: _Planned | None = None
+        #: On the master of a series with overrides: (ids of the series' members, their plans).
+        self.group_plan: tuple[frozenset[int], list] | None = None
 
     def get(self, name: str, default: Any = None) -> Any:
         return self._props.get(name, default)
@@ -712,10 +715,14 @@ def _read_plain_first(
     uses = Counter(_short_form(uid) for block in split.events for uid in set(block.uids))
     plains: list[_Plain] = []
     others: list[fastread.Block] = []
+    groups: dict[str, list[fastread.Block]] = {}  # a series with overrides: its blocks
     for block in split.events:
         plain = None
         uid = _short_form(block.uids[0]) if len(block.uids) == 1 else None
-        if block.props is not None and uid is not None and uses[uid] == 1:
+        if block.props is not None and uid is not None and uses[uid] > 1:
+            groups.setdefault(uid, []).append(block)
+            continue
+        if block.props is not None and uid is not None:
             try:
                 plain = _plain_event(block, uid, resolver, x_wr, default_tz, window)
             except _NotPlain:
@@ -726,6 +733,20 @@ def _read_plain_first(
             others.append(block)
         else:
             plains.append(plain)
+    for uid, blocks in groups.items():
+        members = None
+        if len(blocks) == uses[uid]:  # else a block of that UID is for icalendar: all of them are
+            try:
+                members = _plain_group(blocks, uid, resolver, x_wr, default_tz, window)
+            except _NotPlain:
+                pass
+            except Exception:  # as above
+                return None
+        if members is None:
+            others.extend(blocks)
+        else:
+            plains.extend(members)
+    others.sort(key=lambda block: block.pos)
     noted: list[str] = []
     tops = [calendar]
     if others:
@@ -754,6 +775,32 @@ def _calendar_text(header: list[str], zones: list[list[str]], blocks: list[fastr
     return "\n".join(lines)
 
 
+def _plain_group(
+    blocks: list[fastread.Block],
+    uid: str,
+    resolver: ZoneResolver,
+    x_wr: tzinfo | None,
+    default_tz: tzinfo,
+    window: tuple[datetime, datetime],
+) -> list[_Plain] | None:
+    """The blocks of one UID (a master and its overrides) read as plain events, planned together
+    by ``_plan_group``; None (or ``_NotPlain``) when the series is for icalendar and the library."""
+    members = []
+    for block in blocks:
+        plain = _plain_event(block, uid, resolver, x_wr, default_tz, window, member=True)
+        if plain is None:
+            return None
+        members.append(plain)
+    masters = [member for member in members if "RECURRENCE-ID" not in member]
+    if len(masters) != 1 or "RRULE" not in masters[0] or _degenerate(masters[0], *window) is not None:
+        return None
+    plans = _plan_group(members, *window, default_tz)
+    if plans is _NOT_SIMPLE:
+        return None
+    masters[0].group_plan = (frozenset(map(id, members)), plans)
+    return members
+
+
 def _plain_event(
     block: fastread.Block,
     uid: str,
@@ -761,12 +808,16 @@ def _plain_event(
     x_wr: tzinfo | None,
     default_tz: tzinfo,
     window: tuple[datetime, datetime],
+    *,
+    member: bool = False,
 ) -> _Plain | None:
     """A block of one-line properties read as ``_prepare_events`` reads it, with its instances
     planned; None (or ``_NotPlain``) when anything in it is for icalendar and the library.
-    ``uid``: its one UID as kept (``_short_form``)."""
+    ``uid``: its one UID as kept (``_short_form``). ``member``: one block of a series with
+    overrides (RECURRENCE-ID allowed), not planned here (see ``_plain_group``)."""
     props = block.props
-    if "DTSTART" not in props or not props.keys() <= _PLAIN_PROPERTIES:
+    allowed = _MEMBER_PROPERTIES if member else _PLAIN_PROPERTIES
+    if "DTSTART" not in props or not props.keys() <= allowed:
         return None
     if any(len(values) > 1 for name, values in props.items() if name != "EXDATE"):
         return None
@@ -834,6 +885,9 @@ def _plain_event(
         end = day_or_instant("DTEND")
         if end is not None:
             out["DTEND"] = _Value(end)
+        recurrence_id = day_or_instant("RECURRENCE-ID")  # its parameters: TZID and VALUE only
+        if recurrence_id is not None:
+            out["RECURRENCE-ID"] = _Value(recurrence_id)
         duration = one("DURATION", ())
         if duration is not None:
             length = vDDDTypes.from_ical(duration[1])
@@ -871,6 +925,8 @@ def _plain_event(
                 return None
             out[name] = fastread.unescape(value)
     plain = _Plain(out, block.pos)
+    if member:
+        return plain
     if "RRULE" in out and _degenerate(plain, *window) is not None:
         return plain  # skipped with its reason by _expand, as any degenerate series
     plan = _fast_plan(plain, *window, default_tz)
@@ -1238,23 +1294,25 @@ def _plan_series(
             ex_instants.add(ex)
     items: list[tuple[str, datetime, datetime]] = []
     found: set[str] = set()
-    seen = set()
+    seen = set()  # as the library's set of starts (two wall times may be one instant in a DST gap)
     for occurrence in starts:
         if occurrence in seen:
             continue
         seen.add(occurrence)
-        if until is not None and occurrence > until:
+        utc = occurrence.astimezone(UTC)
+        if until is not None and utc > until:
             continue
-        if not window_start <= occurrence.astimezone(UTC) < window_end:
+        if not window_start <= utc < window_end:
             continue
-        if date(occurrence.year, occurrence.month, occurrence.day) in ex_days or ex_instants & set(
-            to_recurrence_ids(occurrence)
-        ):
+        if ex_days and date(occurrence.year, occurrence.month, occurrence.day) in ex_days:
             continue
-        rid = _format_rid(occurrence, False, default_tz)
+        # to_recurrence_ids(occurrence): its UTC and its wall time, both without a zone
+        if ex_instants and ex_instants & {utc.replace(tzinfo=None), occurrence.replace(tzinfo=None)}:
+            continue
+        rid = f"{utc.year:04d}{utc.month:02d}{utc.day:02d}T{utc.hour:02d}{utc.minute:02d}{utc.second:02d}Z"
         if rid not in found:
             found.add(rid)
-            items.append((rid, occurrence, length.end(occurrence)))
+            items.append((rid, occurrence, length.end(occurrence, utc)))
     return _Planned(items, read_fields=True)
 
 
@@ -1276,6 +1334,9 @@ def _plan_group(
     if len(masters) != 1 or "RRULE" not in masters[0]:
         return _NOT_SIMPLE
     master = masters[0]
+    known = getattr(master, "group_plan", None)  # planned when the reader read the series
+    if known is not None and known[0] == frozenset(map(id, components)):
+        return known[1]
     start = master["DTSTART"].dt
     all_day = type(start) is date
     plan = _fast_plan(master, window_start, window_end, default_tz)
@@ -1421,10 +1482,11 @@ class _Length:
     days: int = 0
     exact: timedelta = timedelta(0)
 
-    def end(self, start: datetime) -> datetime:
-        """The end of an instance that starts at ``start`` (a nonexistent wall time moves forward)."""
+    def end(self, start: datetime, utc: datetime | None = None) -> datetime:
+        """The end of an instance that starts at ``start`` (a nonexistent wall time moves forward).
+        ``utc``: ``start`` in UTC, when the caller has it."""
         tz = start.tzinfo
-        base = start.astimezone(UTC)
+        base = start.astimezone(UTC) if utc is None else utc
         if self.days:  # the same wall-clock time, ``days`` later (fold=0 in a gap or overlap)
             wall = base.astimezone(tz).replace(tzinfo=None) + timedelta(days=self.days)
             base = wall.replace(tzinfo=tz).astimezone(UTC)
@@ -1523,12 +1585,11 @@ def _degenerate(event: icalendar.Event, window_start: datetime, window_end: date
     for rule in _as_list(event.get("RRULE")):
         if not isinstance(rule, vRecur):
             continue  # unreadable text: the library refuses it and the series is skipped
-        text = rule.to_ical().decode(errors="replace")[:120]
         reason = _rule_problem(rule)
         if reason is None:
             reason = _too_many_before(rule, event["DTSTART"].dt, window_start)
         if reason is not None:
-            return f"RRULE {text} {reason}"
+            return f"RRULE {rule.to_ical().decode(errors='replace')[:120]} {reason}"
     return None
 
 

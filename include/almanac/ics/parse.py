@@ -719,10 +719,10 @@ def _read_plain_first(
     for block in split.events:
         plain = None
         uid = _short_form(block.uids[0]) if len(block.uids) == 1 else None
-        if block.props is not None and uid is not None and uses[uid] > 1:
-            groups.setdefault(uid, []).append(block)
-            continue
         if block.props is not None and uid is not None:
+            if uses[uid] > 1:
+                groups.setdefault(uid, []).append(block)
+                continue
             try:
                 plain = _plain_event(block, uid, resolver, x_wr, default_tz, window)
             except _NotPlain:
@@ -1269,7 +1269,7 @@ def _plan_series(
     if any(isinstance(ex, tuple) or (isinstance(ex, datetime) and ex.tzinfo is None) for ex in exdates):
         return _NOT_SIMPLE
     try:
-        rule_text = _NEGATIVE_COUNT.sub("", rules[0].to_ical().decode())
+        rule_text = _dateutil_text(rules[0])
         rule = rrulestr(rule_text, dtstart=start, cache=False)
         until = rules[0].get("UNTIL")
         until = until[0] if until else None
@@ -1309,7 +1309,7 @@ def _plan_series(
         # to_recurrence_ids(occurrence): its UTC and its wall time, both without a zone
         if ex_instants and ex_instants & {utc.replace(tzinfo=None), occurrence.replace(tzinfo=None)}:
             continue
-        rid = f"{utc.year:04d}{utc.month:02d}{utc.day:02d}T{utc.hour:02d}{utc.minute:02d}{utc.second:02d}Z"
+        rid = _utc_rid(utc)
         if rid not in found:
             found.add(rid)
             items.append((rid, occurrence, length.end(occurrence, utc)))
@@ -1355,7 +1355,7 @@ def _plan_group(
             return _NOT_SIMPLE
         rid_property = override["RECURRENCE-ID"]
         rid, own_start = rid_property.dt, override["DTSTART"].dt
-        if getattr(rid_property, "params", {}).get("RANGE"):
+        if rid_property.params.get("RANGE"):
             return _NOT_SIMPLE
         if all_day:
             if type(rid) is not date or type(own_start) is not date:
@@ -1398,6 +1398,11 @@ def _plan_group(
     return [(master, _Planned(kept, read_fields=plan.read_fields)), *planned]
 
 
+def _dateutil_text(rule: vRecur) -> str:
+    """A rule's text as the library gives it to dateutil (a negative COUNT dropped)."""
+    return _NEGATIVE_COUNT.sub("", rule.to_ical().decode())
+
+
 def _day_length(component, start: date) -> timedelta | object:
     """How many days an all-day component lasts, as the library reads it: DTEND - DTSTART, one
     day without DTEND or DURATION; ``_NOT_SIMPLE`` for a DURATION, or a DTEND that is not a
@@ -1436,7 +1441,7 @@ def _plan_day_series(
         return _NOT_SIMPLE
     first = datetime(start.year, start.month, start.day)
     try:
-        rule_text = _NEGATIVE_COUNT.sub("", rule.to_ical().decode())
+        rule_text = _dateutil_text(rule)
         expanded = rrulestr(rule_text, dtstart=first, cache=False)
         lo = (window_start - timedelta(days=1)).astimezone(UTC).replace(tzinfo=None)
         hi = (window_end + timedelta(days=1)).astimezone(UTC).replace(tzinfo=None)
@@ -1844,9 +1849,13 @@ def _format_rid(value: date | datetime, all_day: bool, default_tz: tzinfo) -> st
         if all_day:
             day = value.astimezone(default_tz).date() if value.utcoffset() == timedelta(0) else value.date()
             return f"{day.year:04d}{day.month:02d}{day.day:02d}"
-        v = value.astimezone(UTC)
-        return f"{v.year:04d}{v.month:02d}{v.day:02d}T{v.hour:02d}{v.minute:02d}{v.second:02d}Z"
+        return _utc_rid(value.astimezone(UTC))
     return f"{value.year:04d}{value.month:02d}{value.day:02d}"
+
+
+def _utc_rid(v: datetime) -> str:
+    """The recurrence id of a timed instance from its start in UTC."""
+    return f"{v.year:04d}{v.month:02d}{v.day:02d}T{v.hour:02d}{v.minute:02d}{v.second:02d}Z"
 
 
 def _as_list(value) -> list:

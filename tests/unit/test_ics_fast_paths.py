@@ -315,8 +315,9 @@ def test_reading_plain_events_without_icalendar_gives_what_icalendar_gives(heade
     assert not isinstance(fast, type)
 
 
-def test_a_feed_of_plain_events_is_read_without_icalendar_parsing_its_events(monkeypatch):
-    read = []
+def icalendar_reads(monkeypatch) -> list[int]:
+    """Filled with the number of VEVENTs of each text icalendar is given to read."""
+    read: list[int] = []
     original = parse_module._read_components
 
     def recording(text, problems):
@@ -324,6 +325,11 @@ def test_a_feed_of_plain_events_is_read_without_icalendar_parsing_its_events(mon
         return original(text, problems)
 
     monkeypatch.setattr(parse_module, "_read_components", recording)
+    return read
+
+
+def test_a_feed_of_plain_events_is_read_without_icalendar_parsing_its_events(monkeypatch):
+    read = icalendar_reads(monkeypatch)
     window = dict(window_start=datetime(2024, 1, 1, tzinfo=UTC), window_end=datetime(2025, 1, 1, tzinfo=UTC))
     result = parse_feed(plain_feed([], PLAIN_EVENTS[:5]), **window)
     assert read == [] and {i.uid for i in result.instances} == {
@@ -444,14 +450,7 @@ def test_most_override_series_take_the_direct_path(monkeypatch):
 
 
 def test_series_with_overrides_are_read_without_icalendar(monkeypatch):
-    read = []
-    original = parse_module._read_components
-
-    def recording(text, problems):
-        read.append(text.count("BEGIN:VEVENT"))
-        return original(text, problems)
-
-    monkeypatch.setattr(parse_module, "_read_components", recording)
+    read = icalendar_reads(monkeypatch)
     tz, dtstart, end, rule = GROUP_MASTERS[0]
     moved, cancelled = group_overrides(tz, False)[:2]
     window = dict(window_start=datetime(2024, 3, 5, tzinfo=UTC), window_end=datetime(2024, 12, 1, tzinfo=UTC))

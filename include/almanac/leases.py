@@ -27,41 +27,60 @@ __all__ = ["Lease", "LeaseKeeper", "lease_key"]
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] lease key; ARGV[1] owner, ARGV[2] owner|token, ARGV[3] ttl ms.
-# 1 = taken, 2 = taken over from a dead try of the same owner, 0 = held by another owner.
+# One script per operation, over any number of keys (a batch's chunk in one call: one round
+# trip, one script run, instead of a script call per key). Each key is decided on its own.
+
+# KEYS lease keys; ARGV[1] owner, ARGV[2] ttl ms, ARGV[2 + i] the value ("owner|token") for KEYS[i].
+# Per key: 1 = taken, 2 = taken over from a dead try of the same owner, 0 = held by another owner.
 _ACQUIRE = """
-local current = redis.call('get', KEYS[1])
-if not current then
-    redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3])
-    return 1
+local answers = {}
+for i, key in ipairs(KEYS) do
+    local current = redis.call('get', key)
+    local answer = 0
+    if not current then
+        answer = 1
+    else
+        local sep = string.find(current, '|', 1, true)
+        if sep and string.sub(current, 1, sep - 1) == ARGV[1] then
+            answer = 2
+        end
+    end
+    if answer > 0 then
+        redis.call('set', key, ARGV[2 + i], 'px', ARGV[2])
+    end
+    answers[i] = answer
 end
-local sep = string.find(current, '|', 1, true)
-if sep and string.sub(current, 1, sep - 1) == ARGV[1] then
-    redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3])
-    return 2
-end
-return 0
+return answers
 """
 
-# 1 = renewed, 2 = re-taken (the key had vanished), 0 = someone else holds it now.
+# KEYS lease keys; ARGV[1] ttl ms, ARGV[1 + i] the holder's value for KEYS[i].
+# Per key: 1 = renewed, 2 = re-taken (the key had vanished), 0 = someone else holds it now.
 _RENEW = """
-local current = redis.call('get', KEYS[1])
-if current == ARGV[1] then
-    redis.call('pexpire', KEYS[1], ARGV[2])
-    return 1
+local answers = {}
+for i, key in ipairs(KEYS) do
+    local current = redis.call('get', key)
+    if current == ARGV[1 + i] then
+        redis.call('pexpire', key, ARGV[1])
+        answers[i] = 1
+    elseif not current then
+        redis.call('set', key, ARGV[1 + i], 'px', ARGV[1])
+        answers[i] = 2
+    else
+        answers[i] = 0
+    end
 end
-if not current then
-    redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
-    return 2
-end
-return 0
+return answers
 """
 
+# KEYS lease keys; ARGV[i] the holder's value for KEYS[i]: deleted only while still that value.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
+local released = 0
+for i, key in ipairs(KEYS) do
+    if redis.call('get', key) == ARGV[i] then
+        released = released + redis.call('del', key)
+    end
 end
-return 0
+return released
 """
 
 
@@ -102,6 +121,11 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # EVALSHA, falling back to EVAL (once per Redis) when the script is not cached there.
+        self._scripts = {
+            name: client.register_script(text)
+            for name, text in (("acquire", _ACQUIRE), ("renew", _RENEW), ("release", _RELEASE))
+        }
 
     # ------------------------------------------------------------------ one lease
     def acquire(self, key: str) -> Lease:
@@ -113,13 +137,7 @@ class LeaseKeeper:
         if not keys:
             return []
         values = [f"{self.owner}|{secrets.token_hex(8)}" for _ in keys]
-        if len(keys) == 1:
-            answers = [self.client.eval(_ACQUIRE, 1, keys[0], self.owner, values[0], self.ttl_ms)]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for key, value in zip(keys, values, strict=True):
-                pipe.eval(_ACQUIRE, 1, key, self.owner, value, self.ttl_ms)
-            answers = pipe.execute()
+        answers = self._scripts["acquire"](keys=keys, args=[self.owner, self.ttl_ms, *values])
         leases = []
         for key, value, raw in zip(keys, values, answers, strict=True):
             answer = int(raw)
@@ -148,13 +166,9 @@ class LeaseKeeper:
             for lease in taken:
                 self._held.pop(lease.key, None)
         try:
-            if len(taken) == 1:
-                self.client.eval(_RELEASE, 1, taken[0].key, taken[0].value)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for lease in taken:
-                    pipe.eval(_RELEASE, 1, lease.key, lease.value)
-                pipe.execute()
+            self._scripts["release"](
+                keys=[lease.key for lease in taken], args=[lease.value for lease in taken]
+            )
         except Exception as exc:  # Redis away: the TTL frees it
             log.warning(
                 "could not release %d lease(s), first %s (%s); they expire in %.0fs",
@@ -178,12 +192,17 @@ class LeaseKeeper:
         """Renew every held lease once (the background thread calls this every ttl/3)."""
         with self._lock:
             held = list(self._held.values())
-        for lease in held:
-            try:
-                answer = int(self.client.eval(_RENEW, 1, lease.key, lease.value, self.ttl_ms))
-            except Exception as exc:  # Redis restarting: try again next round
-                log.warning("could not renew lease %s (%s)", lease.key, exc)
-                continue
+        if not held:
+            return
+        try:
+            answers = self._scripts["renew"](
+                keys=[lease.key for lease in held], args=[self.ttl_ms, *(lease.value for lease in held)]
+            )
+        except Exception as exc:  # Redis restarting: try again next round
+            log.warning("could not renew %d lease(s), first %s (%s)", len(held), held[0].key, exc)
+            return
+        for lease, raw in zip(held, answers, strict=True):
+            answer = int(raw)
             if answer == 0:
                 lease.lost = True
                 with self._lock:

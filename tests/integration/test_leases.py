@@ -97,3 +97,29 @@ def test_acquire_many_decides_each_key_on_its_own_in_one_round_trip(redis_client
             retry.release_many(got)
         assert redis_client.get(free) == b"someone/else/x/0|y" and not redis_client.exists(dead)
         assert redis_client.get(theirs).decode().startswith("other/run/task/0|")
+
+
+def _script_calls(redis_client) -> int:
+    stats = redis_client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+def test_renewal_decides_each_held_lease_on_its_own_in_one_script_call(redis_client):
+    kept, vanished, stolen = lease_key("test", 21), lease_key("test", 22), lease_key("test", 23)
+    with LeaseKeeper(redis_client, "dag/run/task/0", ttl_s=60) as keeper:
+        leases = keeper.acquire_many([kept, vanished, stolen])
+        keeper._stop.set()  # no background renewal: this test renews by hand
+        redis_client.pexpire(kept, 5_000)
+        redis_client.delete(vanished)
+        redis_client.set(stolen, "other/run/task/0|x")
+        before = _script_calls(redis_client)
+        keeper.renew_all()
+        assert _script_calls(redis_client) - before == 1
+        assert redis_client.pttl(kept) > 50_000  # renewed to the full ttl
+        assert redis_client.get(vanished).decode() == leases[1].value  # taken again
+        assert [lease.lost for lease in leases] == [False, False, True]
+        assert redis_client.get(stolen) == b"other/run/task/0|x"
+        before = _script_calls(redis_client)
+        keeper.release_many(leases)
+        assert _script_calls(redis_client) - before == 1
+    assert not redis_client.exists(kept) and not redis_client.exists(vanished)

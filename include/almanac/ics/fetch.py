@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -300,7 +300,11 @@ def check_address(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> IPA
         FeedRefusedError: an address is not public (nothing has been sent to it).
         FeedUnavailableError: the host does not resolve.
     """
-    parts = urlsplit(url)
+    return _check_parts(urlsplit(url), allow_hosts)
+
+
+def _check_parts(parts: SplitResult, allow_hosts: frozenset[str]) -> IPAddress:
+    """``check_address`` of an already split URL (a fetch splits each hop's URL once)."""
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
@@ -342,8 +346,7 @@ class _PinnedAdapter(HTTPAdapter):
         return host_params, pool_kwargs
 
 
-def _pinned_url(url: str, ip: IPAddress) -> str:
-    parts = urlsplit(url)
+def _pinned_url(parts: SplitResult, ip: IPAddress) -> str:
     literal = f"[{ip}]" if ip.version == 6 else str(ip)
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@{literal}" if userinfo else literal
@@ -352,16 +355,13 @@ def _pinned_url(url: str, ip: IPAddress) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
-def _host_header(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.netloc.rpartition("@")[2]
-
-
 def _prepare_session(session: requests.Session) -> None:
     """Mount the pinning adapter (once) and stop ``requests`` reading the environment: proxy
     variables (``HTTPS_PROXY``...) and ``~/.netrc`` never change where, or as whom, a feed is fetched,
     and no cookie is kept."""
     session.trust_env = False
+    if getattr(session, "_almanac_prepared", False):  # every fetch of a batch passes here
+        return
     # A session is reused across a batch's calendars: a cookie one feed host sets must never be
     # sent with another calendar's request (feeds are fetched anonymously).
     session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -369,6 +369,7 @@ def _prepare_session(session: requests.Session) -> None:
         adapter = _PinnedAdapter()
         session.mount("https://", adapter)
         session.mount("http://", adapter)
+    session._almanac_prepared = True
 
 
 def new_session() -> requests.Session:
@@ -451,9 +452,10 @@ def fetch_feed(
         headers["If-Modified-Since"] = last_modified
     try:
         for _hop in range(max_redirects + 1):
-            host = urlsplit(current).hostname or ""
+            parts = urlsplit(current)
+            host = parts.hostname or ""
             try:
-                ip = check_address(current, allow_hosts=allow_hosts)
+                ip = _check_parts(parts, allow_hosts)
             except FeedRefusedError as exc:
                 if previous is None:  # the calendar's own URL
                     raise
@@ -461,7 +463,7 @@ def fetch_feed(
             remaining = _remaining(started, deadline, host)
             response = _send(
                 session,
-                current,
+                parts,
                 ip,
                 headers,
                 timeout=(min(connect_timeout, remaining), min(read_timeout, remaining)),
@@ -690,7 +692,7 @@ _NO_RETRIES = urllib3.util.Retry(0, read=False, redirect=False)
 
 
 def _send(
-    session, url: str, ip: IPAddress, headers: dict, *, timeout, host: str, webcal: bool = False
+    session, parts: SplitResult, ip: IPAddress, headers: dict, *, timeout, host: str, webcal: bool = False
 ) -> urllib3.BaseHTTPResponse:
     """One GET on the session's pinned connection pool for ``ip``, straight through urllib3.
 
@@ -699,13 +701,13 @@ def _send(
     building its own response object) is skipped: on a batch of unchanged feeds that was most of
     the client's time per 304. URL credentials are sent as HTTP Basic auth, as ``requests`` does.
     """
-    pinned = _pinned_url(url, ip)
-    headers = {**headers, "Host": _host_header(url)}
-    username, password = requests.utils.get_auth_from_url(url)
-    if username or password:
-        basic = urllib3.util.make_headers(basic_auth=f"{username}:{password}")
-        headers["Authorization"] = basic["authorization"]
-    parts = urlsplit(pinned)
+    pinned = _pinned_url(parts, ip)
+    headers = {**headers, "Host": parts.netloc.rpartition("@")[2]}
+    if parts.username is not None and parts.password is not None:  # what requests sends
+        username, password = unquote(parts.username), unquote(parts.password)
+        if username or password:
+            basic = urllib3.util.make_headers(basic_auth=f"{username}:{password}")
+            headers["Authorization"] = basic["authorization"]
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         pool = session.get_adapter(pinned).get_connection_with_tls_context(

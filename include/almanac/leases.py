@@ -122,10 +122,9 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # EVALSHA, falling back to EVAL (once per Redis) when the script is not cached there.
-        self._scripts = {
-            name: client.register_script(text)
-            for name, text in (("acquire", _ACQUIRE), ("renew", _RENEW), ("release", _RELEASE))
-        }
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._renew_script = client.register_script(_RENEW)
+        self._release_script = client.register_script(_RELEASE)
 
     # ------------------------------------------------------------------ one lease
     def acquire(self, key: str) -> Lease:
@@ -137,7 +136,7 @@ class LeaseKeeper:
         if not keys:
             return []
         values = [f"{self.owner}|{secrets.token_hex(8)}" for _ in keys]
-        answers = self._scripts["acquire"](keys=keys, args=[self.owner, self.ttl_ms, *values])
+        answers = self._acquire_script(keys=keys, args=[self.owner, self.ttl_ms, *values])
         leases = []
         for key, value, raw in zip(keys, values, answers, strict=True):
             answer = int(raw)
@@ -166,7 +165,7 @@ class LeaseKeeper:
             for lease in taken:
                 self._held.pop(lease.key, None)
         try:
-            self._scripts["release"](
+            self._release_script(
                 keys=[lease.key for lease in taken], args=[lease.value for lease in taken]
             )
         except Exception as exc:  # Redis away: the TTL frees it
@@ -195,7 +194,7 @@ class LeaseKeeper:
         if not held:
             return
         try:
-            answers = self._scripts["renew"](
+            answers = self._renew_script(
                 keys=[lease.key for lease in held], args=[self.ttl_ms, *(lease.value for lease in held)]
             )
         except Exception as exc:  # Redis restarting: try again next round

@@ -122,8 +122,7 @@ def dispatch_channel(
         if limiter is None:
             return wave
         admitted = []
-        for row in wave:
-            wait = limiter.user_wait(channel, row.user_id)
+        for row, wait in zip(wave, limiter.user_waits(channel, [r.user_id for r in wave]), strict=True):
             if wait > 0:
                 counts["rateLimited"] += release(
                     conn,

@@ -4,6 +4,10 @@ Two limits per channel, both from ``Settings``: the provider's (``notify_<channe
 users together) and each user's (``notify_<channel>_per_user_per_hour``). A limited notification
 waits: the dispatcher gives it back to the outbox due again when the user's window allows, or
 sleeps briefly for the provider's window. Each send attempt counts against both limits.
+
+A wave's per-user hits go to Redis in one pipeline (``user_waits``): the same ``limits`` script,
+keys and arguments as ``SlidingWindowCounterRateLimiter.hit``, one round trip instead of one per
+message (``tests/integration/test_notify_ratelimit.py`` checks the two agree, key for key).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from limits import RateLimitItemPerHour, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
+from redis.exceptions import NoScriptError
 
 from almanac.notify.types import CHANNELS
 from almanac.settings import Settings
@@ -30,6 +35,7 @@ class NotifyLimiter:
         storage = RedisStorage(
             "redis://", connection_pool=redis_client.connection_pool, key_prefix=key_prefix
         )
+        self._storage = storage
         # Provider limits: fixed one-second windows (one INCR each); per user: a sliding window,
         # so an hour's allowance cannot be spent twice across a window boundary.
         self._provider = FixedWindowRateLimiter(storage)
@@ -43,17 +49,43 @@ class NotifyLimiter:
             for channel in CHANNELS
         }
 
-    def user_wait(self, channel: str, user_id: int | None) -> float:
-        """0 when ``user_id`` may get one more ``channel`` message now (and counts it), else the
-        seconds until their window allows one. Messages to an explicit address (no user) are
-        only under the provider limit."""
-        if user_id is None:
-            return 0.0
+    def user_waits(self, channel: str, user_ids: list[int | None]) -> list[float]:
+        """For each of ``user_ids`` in turn: 0 when that user may get one more ``channel`` message
+        now (and counts it), else the seconds until their window allows one. A user twice counts
+        twice, in order. Messages to an explicit address (``None``: no user) are only under the
+        provider limit. The hits go to Redis in one pipeline."""
         item = self._per_user[channel]
-        if self._user.hit(item, channel, str(user_id)):
-            return 0.0
-        reset = self._user.get_window_stats(item, channel, str(user_id)).reset_time
-        return max(1.0, reset - time.time())
+        storage = self._storage
+        script = storage.lua_acquire_sliding_window
+        args = (item.amount, item.get_expiry(), 1)
+        asked = [(i, str(uid)) for i, uid in enumerate(user_ids) if uid is not None]
+        waits = [0.0] * len(user_ids)
+        if not asked:
+            return waits
+        client = storage.get_connection()
+        for attempt in (1, 2):
+            with client.pipeline(transaction=False) as pipe:
+                for _i, uid in asked:
+                    key = item.key_for(channel, uid)
+                    pipe.evalsha(
+                        script.sha,
+                        2,
+                        storage.prefixed_key(storage._previous_window_key(key)),
+                        storage.prefixed_key(storage._current_window_key(key)),
+                        *args,
+                    )
+                try:
+                    acquired = pipe.execute()
+                    break
+                except NoScriptError:  # Redis restarted or flushed its scripts: nothing was counted
+                    if attempt == 2:
+                        raise
+                    client.script_load(script.script)
+        for (i, uid), ok in zip(asked, acquired, strict=True):
+            if not ok:
+                reset = self._user.get_window_stats(item, channel, uid).reset_time
+                waits[i] = max(1.0, reset - time.time())
+        return waits
 
     def provider_slot(
         self,

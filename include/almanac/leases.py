@@ -119,6 +119,10 @@ class LeaseKeeper:
         self.ttl_ms = max(1000, int(ttl_s * 1000))
         self._held: dict[str, Lease] = {}
         self._lock = threading.Lock()
+        # Held across a renewal's snapshot and its script, and across a release: otherwise a
+        # lease released while the renewer holds a snapshot with it is seen as "vanished" by that
+        # renewal and taken again, holding the entity for a TTL after its holder let it go.
+        self._io_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # EVALSHA, falling back to EVAL (once per Redis) when the script is not cached there.
@@ -161,21 +165,22 @@ class LeaseKeeper:
         taken = [lease for lease in leases if lease.taken]
         if not taken:
             return
-        with self._lock:
-            for lease in taken:
-                self._held.pop(lease.key, None)
-        try:
-            self._release_script(
-                keys=[lease.key for lease in taken], args=[lease.value for lease in taken]
-            )
-        except Exception as exc:  # Redis away: the TTL frees it
-            log.warning(
-                "could not release %d lease(s), first %s (%s); they expire in %.0fs",
-                len(taken),
-                taken[0].key,
-                exc,
-                self.ttl_ms / 1000,
-            )
+        with self._io_lock:
+            with self._lock:
+                for lease in taken:
+                    self._held.pop(lease.key, None)
+            try:
+                self._release_script(
+                    keys=[lease.key for lease in taken], args=[lease.value for lease in taken]
+                )
+            except Exception as exc:  # Redis away: the TTL frees it
+                log.warning(
+                    "could not release %d lease(s), first %s (%s); they expire in %.0fs",
+                    len(taken),
+                    taken[0].key,
+                    exc,
+                    self.ttl_ms / 1000,
+                )
 
     @contextmanager
     def hold(self, key: str) -> Iterator[Lease]:
@@ -189,17 +194,19 @@ class LeaseKeeper:
     # ------------------------------------------------------------------ renewing
     def renew_all(self) -> None:
         """Renew every held lease once (the background thread calls this every ttl/3)."""
-        with self._lock:
-            held = list(self._held.values())
-        if not held:
-            return
-        try:
-            answers = self._renew_script(
-                keys=[lease.key for lease in held], args=[self.ttl_ms, *(lease.value for lease in held)]
-            )
-        except Exception as exc:  # Redis restarting: try again next round
-            log.warning("could not renew %d lease(s), first %s (%s)", len(held), held[0].key, exc)
-            return
+        with self._io_lock:
+            with self._lock:
+                held = list(self._held.values())
+            if not held:
+                return
+            try:
+                answers = self._renew_script(
+                    keys=[lease.key for lease in held],
+                    args=[self.ttl_ms, *(lease.value for lease in held)],
+                )
+            except Exception as exc:  # Redis restarting: try again next round
+                log.warning("could not renew %d lease(s), first %s (%s)", len(held), held[0].key, exc)
+                return
         for lease, raw in zip(held, answers, strict=True):
             answer = int(raw)
             if answer == 0:

@@ -131,3 +131,30 @@ def test_renewal_decides_each_held_lease_on_its_own_in_one_script_call(redis_cli
         keeper.release_many(leases)
         assert _script_calls(redis_client) - before == 1
     assert not redis_client.exists(kept) and not redis_client.exists(vanished)
+
+
+def test_a_lease_released_while_a_renewal_is_under_way_stays_released(redis_client):
+    """The renewer snapshots the held leases, then runs its script. A release in between must not
+    leave the key to that renewal, which would see it gone and take it again for a whole TTL."""
+    import threading
+
+    keeper = LeaseKeeper(redis_client, "run/a", ttl_s=30)
+    lease = keeper.acquire(lease_key("race", 1))
+    real_script = keeper._renew_script
+    in_renewal = threading.Event()
+
+    def slow_renewal(*args, **kwargs):  # the real script, reached a moment after the snapshot
+        in_renewal.set()
+        time.sleep(0.3)
+        return real_script(*args, **kwargs)
+
+    keeper._renew_script = slow_renewal
+    renewer = threading.Thread(target=keeper.renew_all)
+    renewer.start()
+    assert in_renewal.wait(5)
+    keeper.release(lease)
+    renewer.join(5)
+    keeper._renew_script = real_script
+    assert redis_client.get(lease_key("race", 1)) is None
+    assert LeaseKeeper(redis_client, "run/b").acquire(lease_key("race", 1)).taken
+    keeper.close()

@@ -54,3 +54,45 @@ def test_a_flushed_script_cache_is_reloaded_and_nothing_is_counted_twice(redis_c
     assert limiter.user_waits("sms", [9, 9]) == [0.0, 0.0]
     own = _limits_own(redis_client, "t-flush")
     assert own.get_window_stats(RateLimitItemPerHour(3), "sms", "9").remaining == 1
+
+
+def test_hits_refused_mid_pipeline_go_again_alone_and_the_others_count_once(redis_client):
+    """The pipeline is not atomic: the script cache can be flushed (or loaded by another client)
+    between two of its hits. Only the refused hits are sent again."""
+    import redis
+
+    class FlushAfterFirstHit(redis.client.Pipeline):
+        def evalsha(self, *args, **kwargs):
+            result = super().evalsha(*args, **kwargs)
+            if not getattr(self, "_flushed", False):
+                self._flushed = True
+                self.script_flush()  # runs in Redis between the first hit and the second
+            return result
+
+        def execute(self, raise_on_error=True):
+            replies = super().execute(raise_on_error=raise_on_error)
+            if getattr(self, "_flushed", False):
+                del replies[1]  # the flush's own "OK"
+            return replies
+
+    class Client(redis.Redis):
+        flushes_left = 1
+
+        def pipeline(self, transaction=True, shard_hint=None):
+            if Client.flushes_left:
+                Client.flushes_left -= 1
+                return FlushAfterFirstHit(
+                    self.connection_pool, self.response_callbacks, transaction, shard_hint
+                )
+            return super().pipeline(transaction, shard_hint)
+
+    client = Client(connection_pool=redis_client.connection_pool)
+    limiter = NotifyLimiter(client, THREE, key_prefix="t-mid")
+    limiter._storage.storage = client  # limits' storage talks through this client (same pool)
+    client.script_load(limiter._storage.lua_acquire_sliding_window.script)
+    assert limiter.user_waits("sms", [11, 12, 13]) == [0.0, 0.0, 0.0]
+    assert Client.flushes_left == 0  # the flush did happen mid-pipeline
+    own = _limits_own(redis_client, "t-mid")
+    item = RateLimitItemPerHour(3)
+    remaining = [own.get_window_stats(item, "sms", u).remaining for u in ("11", "12", "13")]
+    assert remaining == [2, 2, 2]  # one hit each: the first not counted again

@@ -63,10 +63,12 @@ class NotifyLimiter:
         if not asked:
             return waits
         client = storage.get_connection()
+        acquired: list = [None] * len(asked)
+        pending = list(range(len(asked)))
         for attempt in (1, 2):
             with client.pipeline(transaction=False) as pipe:
-                for _i, uid in asked:
-                    key = item.key_for(channel, uid)
+                for j in pending:
+                    key = item.key_for(channel, asked[j][1])
                     pipe.evalsha(
                         script.sha,
                         2,
@@ -74,13 +76,23 @@ class NotifyLimiter:
                         storage.prefixed_key(storage._current_window_key(key)),
                         *args,
                     )
-                try:
-                    acquired = pipe.execute()
-                    break
-                except NoScriptError:  # Redis restarted or flushed its scripts: nothing was counted
-                    if attempt == 2:
-                        raise
-                    client.script_load(script.script)
+                replies = pipe.execute(raise_on_error=False)
+            refused = []
+            for j, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
+                    refused.append(j)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    acquired[j] = reply
+            if not refused:
+                break
+            if attempt == 2:
+                raise NoScriptError(f"the limits script is still not loaded in Redis ({len(refused)} hits)")
+            # Only the refused hits go again: the others counted (the pipeline is not atomic, so
+            # another client may load the script between two of ours).
+            client.script_load(script.script)
+            pending = refused
         for (i, uid), ok in zip(asked, acquired, strict=True):
             if not ok:
                 reset = self._user.get_window_stats(item, channel, uid).reset_time

@@ -360,7 +360,9 @@ def start_postgres(profile: Profile, sec: dict[str, str]) -> tuple[str, str]:
     return f"{base}/almanac", f"{base}/airflow"
 
 
-def _ensure_databases(port: int, sec: dict[str, str]) -> None:
+def _ensure_databases(
+    port: int, sec: dict[str, str], names: tuple[str, ...] = ("almanac", "airflow")
+) -> None:
     import psycopg
 
     conn = psycopg.connect(
@@ -378,7 +380,7 @@ def _ensure_databases(port: int, sec: dict[str, str]) -> None:
 
             password = sql.Literal(sec["pg_password"])
             cur.execute(sql.SQL("CREATE ROLE almanac LOGIN PASSWORD {}").format(password))
-        for db in ("almanac", "airflow"):
+        for db in names:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
             if cur.fetchone() is None:
                 cur.execute(f'CREATE DATABASE "{db}" OWNER almanac')
@@ -657,9 +659,10 @@ def run(cmd: list[str], env: dict[str, str], **kwargs) -> None:
     subprocess.run(cmd, env=child_env(env), check=True, **kwargs)
 
 
-def migrate_all(profile: Profile, env: dict[str, str]) -> None:
-    logfile = profile.var / "airflow-db-migrate.log"
-    say("migrating the Airflow metadata DB (airflow db migrate)")
+def migrate_all(profile: Profile, env: dict[str, str], log_name: str = "airflow-db-migrate.log") -> None:
+    logfile = profile.var / log_name
+    db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].rsplit("/", 1)[-1]
+    say(f"migrating the Airflow metadata DB {db} (airflow db migrate)")
     with open(logfile, "w") as log:
         try:
             run([str(VENV_BIN / "airflow"), "db", "migrate"], env, stdout=log, stderr=subprocess.STDOUT)
@@ -1180,6 +1183,67 @@ def run_ruff() -> int:
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
+# The whole suite runs in two lanes at once: the tests that drive the live Airflow stack (they
+# mostly wait on its scheduler loops) and everything else (CPU-bound), each with its own
+# application DB, Airflow metadata DB and Redis database, so neither sees the other's data.
+STACK_LANE = ("tests/e2e", "tests/faults")
+SIDE_LANE_DBS = ("almanac_side", "airflow_side")
+
+
+def side_lane_env(profile: Profile, env: dict[str, str]) -> dict[str, str] | None:
+    """The environment of the lane without the live stack: the same servers, other databases.
+
+    None when the servers are the user's own (``<PREFIX>APP_DB_URL`` and friends): then
+    there is no database this tool may create, and the suite runs in one lane."""
+    if any(profile.setting(key) for key in ("APP_DB_URL", "AIRFLOW_DB_URL", "REDIS_URL")):
+        return None
+    app_db, airflow_db = SIDE_LANE_DBS
+    _ensure_databases(profile.port("PG_PORT", profile.pg_port), load_secrets(profile), SIDE_LANE_DBS)
+    app_url = env["ALMANAC_APP_DB_URL"].rsplit("/", 1)[0] + f"/{app_db}"
+    airflow_url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].rsplit("/", 1)[0] + f"/{airflow_db}"
+    redis_url = env["ALMANAC_REDIS_URL"].rsplit("/", 1)[0] + "/1"
+    home = profile.var / "airflow-side"
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    return {
+        **env,
+        "ALMANAC_APP_DB_URL": app_url,
+        "AIRFLOW_CONN_APP_DB": app_url,
+        "ALMANAC_REDIS_URL": redis_url,
+        "AIRFLOW_CONN_REDIS_DEFAULT": redis_url,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url,
+        "AIRFLOW_HOME": str(home),
+    }
+
+
+def _run_lanes(profile: Profile, env: dict[str, str], side_env: dict[str, str]) -> int:
+    """The stack lane in the foreground, the side lane into a log printed when both are done."""
+    python = str(VENV_BIN / "python")
+    stack_cmd = [python, "-m", "pytest", *STACK_LANE]
+    side_cmd = [python, "-m", "pytest", "tests", *(f"--ignore={path}" for path in STACK_LANE)]
+    logs = profile.var / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    side_log = logs / "pytest-side.log"
+    say("running two lanes at once: " + " ".join(stack_cmd[2:]) + " (here), and "
+        + " ".join(side_cmd[2:]) + f" (into {side_log}, shown when it ends)")
+    with open(side_log, "w") as out:
+        side = subprocess.Popen(
+            side_cmd, env=child_env(side_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            stack_code = subprocess.run(stack_cmd, env=child_env(env), cwd=ROOT).returncode
+            side_code = side.wait()
+        finally:
+            if side.poll() is None:
+                side.terminate()
+                side.wait()
+    print(f"\n{'=' * 30} side lane ({' '.join(side_cmd[2:])}) {'=' * 30}", flush=True)
+    sys.stdout.write(side_log.read_text(errors="replace"))
+    sys.stdout.flush()
+    say(f"stack lane exit {stack_code}, side lane exit {side_code}")
+    return stack_code or side_code
+
+
 def cmd_test(profile: Profile, pytest_args: list[str]) -> int:
     if pytest_args:
         say("ruff skipped: pytest arguments given (./dev test with none lints first, as CI does)")
@@ -1191,11 +1255,21 @@ def cmd_test(profile: Profile, pytest_args: list[str]) -> int:
         return code
     env = stack_env(profile, provision=True)
     write_env_file(profile, env)
-    migrate_all(profile, env)
-    cmd = [str(VENV_BIN / "python"), "-m", "pytest", *pytest_args]
-    say("running " + " ".join(cmd[2:]))
+    side_env = None if pytest_args else side_lane_env(profile, env)
     try:
-        return subprocess.run(cmd, env=child_env(env), cwd=ROOT).returncode
+        if side_env is None:
+            migrate_all(profile, env)
+            cmd = [str(VENV_BIN / "python"), "-m", "pytest", *pytest_args]
+            say("running " + " ".join(cmd[2:]))
+            return subprocess.run(cmd, env=child_env(env), cwd=ROOT).returncode
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:  # the two metadata DBs migrate side by side
+            jobs = [pool.submit(migrate_all, profile, env),
+                    pool.submit(migrate_all, profile, side_env, "airflow-db-migrate-side.log")]
+            for job in jobs:
+                job.result()
+        return _run_lanes(profile, env, side_env)
     finally:
         stop_airflow(profile)  # e2e fixtures stop theirs; this catches an interrupted run
         if "redis" in STARTED:

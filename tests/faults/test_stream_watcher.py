@@ -4,6 +4,8 @@ calendar is synced, once in the DB, and nothing is left pending in the consumer 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from almanac.ics.requests import CONSUMER_GROUP, DEAD_LETTER_STREAM, STREAM_KEY, push_sync_request
@@ -78,6 +80,44 @@ def _drained(airflow, redis_conn) -> bool:
     )
 
 
+def _report(airflow, redis_conn, app_db_url, profile, ids) -> str:
+    """What an operator would look at when requests are not synced: the group, the runs, the
+    triggerer's log. Printed when a wait of these tests times out (a CI run leaves no logs)."""
+    lines = [f"stream {STREAM_KEY}: length {redis_conn.xlen(STREAM_KEY)}, "
+             f"dead letters {redis_conn.xlen(DEAD_LETTER_STREAM)}"]
+    try:
+        for row in redis_conn.xpending_range(STREAM_KEY, CONSUMER_GROUP, "-", "+", 100):
+            lines.append(f"  pending {row['message_id']} on {row['consumer']}"
+                         f" idle {row['time_since_delivered']} ms delivered {row['times_delivered']}x")
+    except Exception as exc:
+        lines.append(f"  XPENDING failed: {exc}")
+    for consumer in _consumers(redis_conn):
+        lines.append(f"  consumer {consumer}")
+    for entry_id, fields in redis_conn.xrevrange(DEAD_LETTER_STREAM, count=5):
+        lines.append(f"  dead letter {entry_id}: {fields}")
+    counts = event_counts(app_db_url)
+    lines.append(f"calendars not at 1 event: { {c: counts.get(c) for c in ids if counts.get(c) != 1} }")
+    lines.append(f"asset events queued for {DAG}: {airflow.queued_asset_events(DAG)}")
+    for run in airflow.runs.get_dag_runs(DAG, limit=100).dag_runs:
+        lines.append(f"  run {run.dag_run_id} {run.state} run_after={run.run_after} "
+                     f"start={run.start_date} end={run.end_date}")
+    log = profile.var / "logs" / "triggerer.log"
+    if log.exists():
+        lines.append(f"--- last lines of {log}")
+        lines.extend(log.read_text(errors="replace").splitlines()[-80:])
+    return "\n".join(lines)
+
+
+def _wait(predicate, report, **kwargs):
+    """``wait_for``, printing ``report()`` (the state of the group and the runs) if it times out."""
+    try:
+        return wait_for(predicate, **kwargs)
+    except pytest.fail.Exception:
+        with contextlib.suppress(Exception):
+            print(report())
+        raise
+
+
 def _run_ids(airflow) -> set[str]:
     return {r.dag_run_id for r in airflow.runs.get_dag_runs(DAG, limit=100).dag_runs}
 
@@ -92,8 +132,11 @@ def _runs_told_the_truth(airflow, before: set[str]) -> None:
 
 
 def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
-    calendars, app_db_url, airflow, dag_on, redis_conn, restart_service
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_service, profile
 ):
+    def report():
+        return _report(airflow, redis_conn, app_db_url, profile, calendars)
+
     dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
     dag_on(DAG)
     runs_before = _run_ids(airflow)
@@ -102,14 +145,14 @@ def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
     wait_for(lambda: _consumers(redis_conn), timeout=120, interval=0.5, what="the stream watcher to join")
     for c in calendars[:5]:
         push_sync_request(redis_conn, c)
-    wait_for(lambda: _synced(app_db_url, calendars[:5]), timeout=180, what="the first 5 requests")
+    _wait(lambda: _synced(app_db_url, calendars[:5]), report, timeout=180, what="the first 5 requests")
 
     restart_service("redis", down_s=3)
     for c in calendars[5:]:
         push_sync_request(redis_conn, c)
-    wait_for(lambda: _synced(app_db_url, calendars), timeout=240,
+    _wait(lambda: _synced(app_db_url, calendars), report, timeout=240,
              what="the 15 requests pushed after the restart")
-    wait_for(lambda: _drained(airflow, redis_conn), timeout=180,
+    _wait(lambda: _drained(airflow, redis_conn), report, timeout=180,
              what="the consumer group to have nothing pending")
 
     assert event_counts(app_db_url) == dict.fromkeys(calendars, 1)
@@ -119,8 +162,11 @@ def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
 
 
 def test_triggerer_restarted_mid_burst_loses_no_request(
-    calendars, app_db_url, airflow, dag_on, redis_conn, restart_component
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_component, profile
 ):
+    def report():
+        return _report(airflow, redis_conn, app_db_url, profile, calendars)
+
     dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
     dag_on(DAG)
     runs_before = _run_ids(airflow)
@@ -137,13 +183,13 @@ def test_triggerer_restarted_mid_burst_loses_no_request(
     for c in calendars[10:]:  # the second half arrives while no triggerer runs
         push_sync_request(redis_conn, c)
     start_again()
-    wait_for(lambda: _reading(redis_conn, besides=frozenset({first})), timeout=120, interval=0.5,
+    _wait(lambda: _reading(redis_conn, besides=frozenset({first})), report, timeout=120, interval=0.5,
              what="the restarted triggerer's watcher to read")
 
     # Entries the old consumer took but never acknowledged are claimed after claim_min_idle_seconds (60 s).
-    wait_for(lambda: _synced(app_db_url, calendars), timeout=300,
+    _wait(lambda: _synced(app_db_url, calendars), report, timeout=300,
              what="every request of the burst to be synced")
-    wait_for(lambda: _drained(airflow, redis_conn), timeout=180,
+    _wait(lambda: _drained(airflow, redis_conn), report, timeout=180,
              what="the consumer group to have nothing pending")
     print("(pending, acknowledged) when the triggerer stopped:", in_flight_at_stop)
 

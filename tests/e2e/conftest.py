@@ -98,7 +98,21 @@ def api_client(airflow_stack):
     response.raise_for_status()
     config = airflow_client.Configuration(host=api, access_token=response.json()["access_token"])
     with airflow_client.ApiClient(config) as client:
+        _delete_leftover_runs(client)
         yield client
+
+
+def _delete_leftover_runs(client) -> None:
+    """Delete the runs an earlier session left queued or running in the metadata DB, before any
+    test unpauses a DAG: the scheduler would start them then, and their effects would land in
+    that test's data. They come from an interrupted session, or from `./dev test tests/integration`
+    (whose ``dag.test()`` runs trigger runs into this profile's metadata DB; a whole-suite run
+    gives those tests a metadata DB of their own)."""
+    from airflow_client.client.api.dag_run_api import DagRunApi
+
+    runs = DagRunApi(client)
+    for run in runs.get_dag_runs("~", state=["queued", "running"], limit=1000).dag_runs:
+        runs.delete_dag_run(run.dag_id, run.dag_run_id)
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 2.0, what: str = "condition"):

@@ -108,6 +108,12 @@ def _report(airflow, redis_conn, app_db_url, profile, ids) -> str:
     return "\n".join(lines)
 
 
+@pytest.fixture
+def report(airflow, redis_conn, app_db_url, profile, calendars):
+    """``report()``: ``_report`` of this test's calendars."""
+    return lambda: _report(airflow, redis_conn, app_db_url, profile, calendars)
+
+
 def _wait(predicate, report, **kwargs):
     """``wait_for``, printing ``report()`` (the state of the group and the runs) if it times out."""
     try:
@@ -132,11 +138,8 @@ def _runs_told_the_truth(airflow, before: set[str]) -> None:
 
 
 def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
-    calendars, app_db_url, airflow, dag_on, redis_conn, restart_service, profile
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_service, report
 ):
-    def report():
-        return _report(airflow, redis_conn, app_db_url, profile, calendars)
-
     dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
     dag_on(DAG)
     runs_before = _run_ids(airflow)
@@ -151,9 +154,9 @@ def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
     for c in calendars[5:]:
         push_sync_request(redis_conn, c)
     _wait(lambda: _synced(app_db_url, calendars), report, timeout=240,
-             what="the 15 requests pushed after the restart")
+          what="the 15 requests pushed after the restart")
     _wait(lambda: _drained(airflow, redis_conn), report, timeout=180,
-             what="the consumer group to have nothing pending")
+          what="the consumer group to have nothing pending")
 
     assert event_counts(app_db_url) == dict.fromkeys(calendars, 1)
     assert duplicate_events(app_db_url) == []
@@ -162,11 +165,8 @@ def test_stream_watcher_reconnects_after_redis_restarts_and_syncs_every_request(
 
 
 def test_triggerer_restarted_mid_burst_loses_no_request(
-    calendars, app_db_url, airflow, dag_on, redis_conn, restart_component, profile
+    calendars, app_db_url, airflow, dag_on, redis_conn, restart_component, report
 ):
-    def report():
-        return _report(airflow, redis_conn, app_db_url, profile, calendars)
-
     dead_before = redis_conn.xlen(DEAD_LETTER_STREAM)
     dag_on(DAG)
     runs_before = _run_ids(airflow)
@@ -184,13 +184,13 @@ def test_triggerer_restarted_mid_burst_loses_no_request(
         push_sync_request(redis_conn, c)
     start_again()
     _wait(lambda: _reading(redis_conn, besides=frozenset({first})), report, timeout=120, interval=0.5,
-             what="the restarted triggerer's watcher to read")
+          what="the restarted triggerer's watcher to read")
 
     # Entries the old consumer took but never acknowledged are claimed after claim_min_idle_seconds (60 s).
     _wait(lambda: _synced(app_db_url, calendars), report, timeout=300,
-             what="every request of the burst to be synced")
+          what="every request of the burst to be synced")
     _wait(lambda: _drained(airflow, redis_conn), report, timeout=180,
-             what="the consumer group to have nothing pending")
+          what="the consumer group to have nothing pending")
     print("(pending, acknowledged) when the triggerer stopped:", in_flight_at_stop)
 
     assert event_counts(app_db_url) == dict.fromkeys(calendars, 1)

@@ -77,6 +77,8 @@ def airflow_stack():
     dev.start_airflow(profile, env, components=COMPONENTS)
     try:
         dev.wait_for_api(env, timeout=240)
+        with _client(env) as client:
+            _delete_leftover_runs(client)
         yield env
     finally:
         for component in reversed(COMPONENTS):
@@ -85,12 +87,13 @@ def airflow_stack():
         dev.stop_airflow(profile)
 
 
-@pytest.fixture(scope="session")
-def api_client(airflow_stack):
+@contextlib.contextmanager
+def _client(env: dict[str, str]):
+    """An ``apache-airflow-client`` ApiClient logged in as the stack's admin (JWT from /auth/token)."""
     import airflow_client.client as airflow_client
 
-    api = airflow_stack["ALMANAC_API_URL"]
-    password_file = Path(airflow_stack["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    api = env["ALMANAC_API_URL"]
+    password_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
     password = json.loads(password_file.read_text())["admin"]
     response = requests.post(
         f"{api}/auth/token", json={"username": "admin", "password": password}, timeout=30
@@ -98,20 +101,29 @@ def api_client(airflow_stack):
     response.raise_for_status()
     config = airflow_client.Configuration(host=api, access_token=response.json()["access_token"])
     with airflow_client.ApiClient(config) as client:
-        _delete_leftover_runs(client)
+        yield client
+
+
+@pytest.fixture(scope="session")
+def api_client(airflow_stack):
+    with _client(airflow_stack) as client:
         yield client
 
 
 def _delete_leftover_runs(client) -> None:
-    """Delete the runs an earlier session left queued or running in the metadata DB, before any
-    test unpauses a DAG: the scheduler would start them then, and their effects would land in
-    that test's data. They come from an interrupted session, or from `./dev test tests/integration`
-    (whose ``dag.test()`` runs trigger runs into this profile's metadata DB; a whole-suite run
-    gives those tests a metadata DB of their own)."""
+    """Delete the runs an earlier session left queued or running in the metadata DB (running
+    ones are failed first: the API deletes no running run). Called once, when this session
+    has just started the stack, before any test unpauses a DAG: the scheduler would start them
+    then, and their effects would land in that test's data. They come from an interrupted
+    session, or from `./dev test tests/integration` (whose ``dag.test()`` runs trigger runs into
+    this profile's metadata DB; a whole-suite run gives those tests a metadata DB of their own)."""
     from airflow_client.client.api.dag_run_api import DagRunApi
+    from airflow_client.client.models import DAGRunPatchBody, DagRunState
 
     runs = DagRunApi(client)
     for run in runs.get_dag_runs("~", state=["queued", "running"], limit=1000).dag_runs:
+        if run.state == DagRunState.RUNNING:
+            runs.patch_dag_run(run.dag_id, run.dag_run_id, DAGRunPatchBody(state="failed"))
         runs.delete_dag_run(run.dag_id, run.dag_run_id)
 
 

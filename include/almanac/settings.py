@@ -84,6 +84,11 @@ class Settings:
     #: Characters of SUMMARY + DESCRIPTION + LOCATION summed over all instances of one feed
     #: kept at most; above it the longest texts are cut (to one common length) with a warning.
     ics_max_feed_text_chars: int = 50_000_000
+    #: When a feed changed less than a day after its last full expansion, expand again only the
+    #: events (UID groups) whose text changed, and keep the stored instances of the others. A
+    #: full expansion still happens once a day (the window moves on), after any parse warning,
+    #: and when the kept events could reach ``ics_max_instances`` or ``ics_max_feed_text_chars``.
+    ics_reuse_unchanged_events: bool = True
     #: Hosts (``host`` or ``host:port``, comma-separated) the feed address guard lets through
     #: although they are loopback/private: dev and test feed servers. Empty in production.
     ics_allow_hosts: str = ""

@@ -167,6 +167,14 @@ class ParseResult:
 
     instances: list[Instance] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: The digest of each UID group of the feed (a UID's blocks, with the calendar's own lines,
+    #: its zones and the parse settings), for the next parse's ``reuse``; None: the feed's
+    #: structure is not one whose groups are digested (``fastread`` could not split it, or it
+    #: was read by icalendar as a whole).
+    groups: list[bytes] | None = None
+    #: The UIDs of the groups found in ``reuse``: they were not expanded, and ``instances``
+    #: holds none of theirs (the caller keeps the instances it has of them).
+    kept_uids: frozenset[str] = frozenset()
 
 
 def parse_feed(
@@ -179,6 +187,7 @@ def parse_feed(
     max_instances_per_series: int = 20_000,
     max_event_text_chars: int = 50_000,
     max_feed_text_chars: int = 50_000_000,
+    reuse: frozenset[bytes] = frozenset(),
 ) -> ParseResult:
     """Expand a feed's events into the instances that START in ``[window_start, window_end)``.
 
@@ -193,10 +202,15 @@ def parse_feed(
             characters, ending in ``CUT_MARK``.
         max_feed_text_chars: those three texts summed over all instances returned are cut to
             this: every text longer than some ``L`` is cut to ``L`` characters, ``L`` as large as fits.
+        reuse: ``groups`` digests of an earlier parse whose instances the caller holds. A UID
+            group of this feed with one of them is the same text read in the same context, so
+            it is not expanded again (``kept_uids``). The feed-wide limits (``max_instances``,
+            ``max_feed_text_chars``) then apply to the other groups only: the caller checks the
+            kept ones' share (``almanac.ics.sync`` does), or passes no ``reuse``.
 
     Returns:
-        ``ParseResult`` with instances sorted by ``(starts_at, uid, recurrence_id)`` and the
-        problems: what was skipped, capped or cut.
+        ``ParseResult`` with instances sorted by ``(starts_at, uid, recurrence_id)``, the
+        problems (what was skipped, capped or cut), the feed's group digests and the kept UIDs.
 
     Raises:
         FeedParseError: the body is not iCalendar at all.
@@ -213,14 +227,16 @@ def parse_feed(
     if "\x00" in text:  # PostgreSQL text cannot hold NUL: drop them, keep the feed
         text = text.replace("\x00", "")
         problems.append("the feed contains NUL characters; they were removed")
+    groups = _Groups(_group_salt(calendar_tz, limits), reuse)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # icalendar warns on guessed TZIDs; we note our own problems
         events = (
-            _read_plain_first(text, default_tz, window_start, window_end, problems)
+            _read_plain_first(text, default_tz, window_start, window_end, problems, groups)
             if _FAST_READ and _FAST_PATHS
             else None
         )
-        if events is None:
+        if events is None:  # the whole feed, every group, by icalendar: nothing kept or digested
+            groups = _Groups(b"", frozenset())
             tops = _read_components(text, problems)
             events = _prepare_events(tops, default_tz, problems)
         instances = _expand(
@@ -235,7 +251,9 @@ def parse_feed(
     if len(problems) > MAX_PROBLEMS:
         more = len(problems) - (MAX_PROBLEMS - 1)
         problems[MAX_PROBLEMS - 1 :] = [f"... and {more} more problem(s) not listed"]
-    return ParseResult(instances=instances, problems=problems)
+    return ParseResult(
+        instances=instances, problems=problems, groups=groups.digests, kept_uids=frozenset(groups.kept)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,14 +712,20 @@ class _Plain:
 
 
 def _read_plain_first(
-    text: str, default_tz: tzinfo, window_start: datetime, window_end: datetime, problems: list[str]
+    text: str,
+    default_tz: tzinfo,
+    window_start: datetime,
+    window_end: datetime,
+    problems: list[str],
+    groups: _Groups | None = None,
 ) -> list[icalendar.Event | _Plain] | None:
     """The feed's events, the plain ones read from ``fastread``'s lexing and the others (every
     block of a UID that appears more than once, overrides, RDATE, quoted
     parameters, anything our expansion would hand to the library...) by icalendar together with
     the calendar's own lines and VTIMEZONEs, exactly as ``_prepare_events`` reads a whole feed.
     None: the feed is read by icalendar as a whole (its structure is unusual, or X-WR-TIMEZONE
-    cannot be applied to some time)."""
+    cannot be applied to some time). ``groups``: digests the feed's UID groups, and leaves out
+    the blocks of those it finds in its ``reuse``."""
     split = fastread.split(text)
     if split is None:
         return None
@@ -713,15 +737,16 @@ def _read_plain_first(
     x_wr = _x_wr_timezone(calendar, resolver, [])  # its problem is noted by _prepare_events
     window = (window_start.astimezone(UTC), window_end.astimezone(UTC))
     uses = Counter(_short_form(uid) for block in split.events for uid in set(block.uids))
+    blocks_left = split.events if groups is None else groups.digest(split, uses)
     plains: list[_Plain] = []
     others: list[fastread.Block] = []
-    groups: dict[str, list[fastread.Block]] = {}  # a series with overrides: its blocks
-    for block in split.events:
+    series: dict[str, list[fastread.Block]] = {}  # a series with overrides: its blocks
+    for block in blocks_left:
         plain = None
         uid = _short_form(block.uids[0]) if len(block.uids) == 1 else None
         if block.props is not None and uid is not None:
             if uses[uid] > 1:
-                groups.setdefault(uid, []).append(block)
+                series.setdefault(uid, []).append(block)
                 continue
             try:
                 plain = _plain_event(block, uid, resolver, x_wr, default_tz, window)
@@ -733,7 +758,7 @@ def _read_plain_first(
             others.append(block)
         else:
             plains.append(plain)
-    for uid, blocks in groups.items():
+    for uid, blocks in series.items():
         members = None
         if len(blocks) == uses[uid]:  # else a block of that UID is for icalendar: all of them are
             try:
@@ -761,6 +786,63 @@ def _read_plain_first(
     merged.extend((_int(event.get(_POS_STASH)), event) for event in events)
     merged.sort(key=lambda pair: pair[0])  # the feed's order, as icalendar walks it
     return [event for _, event in merged]
+
+
+#: Part of every group digest: raise it when a change to this module changes the instances of
+#: any feed, so that groups digested before are expanded again (not only after a day).
+_GROUPS_VERSION = 1
+
+
+def _group_salt(calendar_tz: str, limits: _Limits) -> bytes:
+    """What a group's instances depend on besides its text, the calendar's lines and its zones."""
+    return repr((_GROUPS_VERSION, calendar_tz, dataclasses.astuple(limits))).encode()
+
+
+class _Groups:
+    """A feed's UID groups: their digests, and which of them an earlier parse already expanded.
+
+    A group is every block of one UID, when each of them is plain enough for ``fastread`` to
+    know it has exactly that UID (so no other block can add instances or overrides to it). Its
+    digest covers the group's lines (unread properties such as DTSTAMP are gone already), the
+    calendar's own lines, its VTIMEZONEs and ``_group_salt``; what its instances are made of.
+    """
+
+    def __init__(self, salt: bytes, reuse: frozenset[bytes]) -> None:
+        self.salt = salt
+        self.reuse = reuse
+        self.digests: list[bytes] | None = None
+        self.kept: set[str] = set()
+
+    def digest(self, split: fastread.Split, uses: Counter) -> list[fastread.Block]:
+        """Digest the groups of ``split``; return its blocks but those of the kept groups."""
+        members: dict[str, list[fastread.Block]] = {}
+        of: dict[int, str] = {}  # id(block) -> its group's UID
+        for block in split.events:
+            if block.props is not None and len(block.uids) == 1:
+                uid = _short_form(block.uids[0])
+                if uid:
+                    members.setdefault(uid, []).append(block)
+                    of[id(block)] = uid
+        context = hashlib.blake2b(self.salt, digest_size=16)
+        for line in split.header:
+            context.update(line.encode("utf-8", "surrogatepass") + b"\n")
+        for zone in split.zones:
+            context.update("\n".join(zone).encode("utf-8", "surrogatepass") + b"\n\x00")
+        digests = []
+        for uid, blocks in members.items():
+            if len(blocks) != uses[uid]:  # a block not plain enough may be of this UID too
+                continue
+            digest = context.copy()
+            for block in blocks:
+                digest.update(b"\x01" + "\n".join(block.lines).encode("utf-8", "surrogatepass"))
+            value = digest.digest()
+            digests.append(value)
+            if value in self.reuse:
+                self.kept.add(uid)
+        self.digests = sorted(digests)
+        if not self.kept:
+            return split.events
+        return [block for block in split.events if of.get(id(block)) not in self.kept]
 
 
 def _calendar_text(header: list[str], zones: list[list[str]], blocks: list[fastread.Block]) -> str:

@@ -3,8 +3,9 @@
 The events of a calendar inside the sync window are compared with the feed's instances by
 identity ``(uid, recurrence_id)`` and ``content_hash``: new ones are inserted, changed ones
 updated, vanished ones deleted, equal ones not touched. Rows outside the window are left
-alone (history is the retention job's business). A feed that suddenly has no instances while
-the calendar had many is held back instead of wiping it.
+alone (history is the retention job's business), and so are the rows of the UIDs the parse
+kept (``keep_uids``: their text had not changed since it was expanded). A feed that suddenly
+has no instances while the calendar had many is held back instead of wiping it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def store_instances(
     window_start: datetime,
     window_end: datetime,
     empty_guard_min: int = 10,
+    keep_uids: frozenset[str] = frozenset(),
 ) -> StoreResult:
     """Bring ``events`` of ``calendar_id`` in ``[window_start, window_end)`` to ``instances``.
 
@@ -69,6 +71,8 @@ def store_instances(
 
     Parameters:
         instances: objects with the attributes in ``_COLUMNS`` (``almanac.ics.parse.Instance``).
+        keep_uids: UIDs whose rows stay as they are (the parse kept them: ``ParseResult.kept_uids``);
+            they count in ``total`` and against the empty-feed guard, and are never deleted.
     Raises:
         EmptyFeedHeldError: no instances while at least ``empty_guard_min`` rows exist.
     """
@@ -82,8 +86,12 @@ def store_instances(
             (calendar_id, window_start, window_end),
         )
         existing = {(uid, rid): digest for uid, rid, digest in cur}
+        kept = 0
+        if keep_uids:
+            kept = sum(1 for uid, _ in existing if uid in keep_uids)
+            existing = {key: digest for key, digest in existing.items() if key[0] not in keep_uids}
 
-        if not instances and len(existing) >= empty_guard_min:
+        if not instances and not kept and len(existing) >= empty_guard_min:
             raise EmptyFeedHeldError(calendar_id, len(existing))
 
         seen: set[tuple[str, str]] = set()
@@ -118,7 +126,7 @@ def store_instances(
                 """,
                 ([uid for uid, _ in gone], [rid for _, rid in gone], calendar_id),
             )
-    return StoreResult(added=added, updated=updated, deleted=len(gone), total=len(seen))
+    return StoreResult(added=added, updated=updated, deleted=len(gone), total=len(seen) + kept)
 
 
 def _upsert(cur, rows: list[tuple]) -> None:

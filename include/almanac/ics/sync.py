@@ -54,6 +54,8 @@ MAX_WARNING_CHARS = 300
 #: Calendars whose leases are taken (and released) together, in one Redis round trip each way.
 #: A calendar's lease is so held at most this many calendars' sync time longer than its own.
 LEASE_CHUNK = 25
+#: Bytes of one group digest in ``calendars.parse_groups`` (``almanac.ics.parse``'s blake2b).
+_DIGEST_BYTES = 16
 
 
 class FeedDataRefusedError(PermanentError):
@@ -285,18 +287,37 @@ def _sync_one(
         if fetched.body is None:  # 304, but the window must move on: fetch without validators
             fetched = fetch(None, None)
         window_start, window_end = sync_window(instant, settings)
-        parsed = pool.parse_feed(
-            fetched.body,
-            calendar_id=calendar.id,
-            clock=clock,
-            window_start=window_start,
-            window_end=window_end,
-            calendar_tz=calendar.time_zone,
-            max_instances=settings.ics_max_instances,
-            max_instances_per_series=settings.ics_max_instances_per_series,
-            max_event_text_chars=settings.ics_max_event_text_chars,
-            max_feed_text_chars=settings.ics_max_feed_text_chars,
-        )
+
+        def parse(reuse: frozenset[bytes]):
+            return pool.parse_feed(
+                fetched.body,
+                calendar_id=calendar.id,
+                clock=clock,
+                window_start=window_start,
+                window_end=window_end,
+                calendar_tz=calendar.time_zone,
+                max_instances=settings.ics_max_instances,
+                max_instances_per_series=settings.ics_max_instances_per_series,
+                max_event_text_chars=settings.ics_max_event_text_chars,
+                max_feed_text_chars=settings.ics_max_feed_text_chars,
+                reuse=reuse,
+            )
+
+        prior = _ParseState()
+        if window_fresh and settings.ics_reuse_unchanged_events:
+            prior = _parse_state(conn, calendar.id)
+        parsed = parse(prior.groups)
+        text_chars = _text_chars(parsed.instances)
+        if parsed.kept_uids and (
+            prior.event_count + len(parsed.instances) > settings.ics_max_instances
+            or prior.text_chars + text_chars > settings.ics_max_feed_text_chars
+        ):  # the feed-wide limits might cut: they need every group's instances
+            parsed = parse(frozenset())
+            text_chars = _text_chars(parsed.instances)
+        if parsed.kept_uids:  # the kept rows were expanded at the old anchor, and hold at most this
+            anchor, text_chars = calendar.window_anchor, prior.text_chars + text_chars
+        else:
+            anchor = instant
         problems = parsed.problems
         warnings = [_clean(p, MAX_WARNING_CHARS) for p in problems[:MAX_STORED_WARNINGS]]
         if problems:
@@ -312,6 +333,7 @@ def _sync_one(
                 window_start=window_start,
                 window_end=window_end,
                 empty_guard_min=settings.ics_empty_feed_guard_min_events,
+                keep_uids=parsed.kept_uids,
             )
             if stored.changed:
                 mark_push_pending(conn, [calendar.id])
@@ -321,17 +343,20 @@ def _sync_one(
                    SET last_attempt_at = now(), last_success_at = now(), etag = %s, last_modified = %s,
                        body_sha256 = %s, window_anchor = %s, sync_status = 'ok', last_error = NULL,
                        consecutive_failures = 0, event_count = %s,
-                       sync_warnings = %s, sync_warning_count = %s
+                       sync_warnings = %s, sync_warning_count = %s,
+                       parse_groups = %s, parse_text_chars = %s
                  WHERE id = %s
                 """,
                 (
                     fetched.etag,
                     fetched.last_modified,
                     fetched.body_sha256,
-                    instant,
+                    anchor,
                     stored.total,
                     warnings or None,
                     len(problems),
+                    None if parsed.groups is None else b"".join(parsed.groups),
+                    text_chars,
                     calendar.id,
                 ),
             )
@@ -383,6 +408,35 @@ def _sync_one(
         conn.commit()
         log.warning("calendar %s (%s): %s", calendar.id, host, message)
         return _fetch_result(calendar.id, status, error=message, permanent=isinstance(exc, PermanentError))
+
+
+@dataclass(frozen=True)
+class _ParseState:
+    """What the calendar's last parse left (``ParseResult.groups``) for the next one's ``reuse``."""
+
+    groups: frozenset[bytes] = frozenset()
+    event_count: int = 0
+    text_chars: int = 0
+
+
+def _parse_state(conn, calendar_id: int) -> _ParseState:
+    """The groups of the last parse that may be kept: none after a parse with warnings (they
+    would be lost with the groups that caused them, and the feed-wide limits may have cut)."""
+    row = conn.execute(
+        "SELECT parse_groups, event_count, parse_text_chars, sync_warning_count FROM calendars WHERE id = %s",
+        (calendar_id,),
+    ).fetchone()
+    conn.commit()  # no transaction stays open while the feed is parsed
+    if row is None or row[0] is None or row[3]:
+        return _ParseState()
+    blob = bytes(row[0])
+    groups = frozenset(blob[i : i + _DIGEST_BYTES] for i in range(0, len(blob), _DIGEST_BYTES))
+    return _ParseState(groups, row[1] or 0, row[2])
+
+
+def _text_chars(instances) -> int:
+    """What ``max_feed_text_chars`` counts of these instances."""
+    return sum(len(i.summary) + len(i.description) + len(i.location) for i in instances)
 
 
 def _record_unchanged(conn, unchanged) -> None:

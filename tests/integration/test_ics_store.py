@@ -113,3 +113,24 @@ def test_many_instances_go_in_bulk(calendar):
     changed = [replace(m, content_hash="h2") if i % 10 == 0 else m for i, m in enumerate(many)]
     result = _store(calendar, changed)
     assert (result.added, result.updated, result.deleted) == (0, 500, 0)
+
+
+def test_an_instance_moved_into_the_window_updates_its_row_from_before_the_window(calendar):
+    """The calendar's only row is outside the window, so the window looks empty: the store must
+    still update that row (same identity), not COPY a second one in as for a calendar's first sync."""
+    before = datetime(2025, 6, 1, 9, tzinfo=UTC)
+    moved = Inst("m", "20250601T090000Z", starts_at=before, ends_at=before + timedelta(hours=1))
+    store_instances(calendar, 1, [moved], window_start=datetime(2025, 1, 1, tzinfo=UTC), window_end=WINDOW[1])
+    calendar.commit()
+    result = _store(calendar, [replace(moved, starts_at=datetime(2026, 6, 1, 9, tzinfo=UTC),
+                                       ends_at=datetime(2026, 6, 1, 10, tzinfo=UTC), content_hash="h2")])
+    assert (result.added, result.updated, result.total) == (1, 0, 1)  # new in the window's terms
+    assert [r[:4] for r in _rows(calendar)] == [("m", "20250601T090000Z", "s", "h2")]
+
+
+def test_a_kept_uid_s_rows_are_counted_and_never_deleted(calendar):
+    _store(calendar, [Inst("a"), Inst("k", "1"), Inst("k", "2")])
+    before = _rows(calendar)
+    result = _store(calendar, [], keep_uids=frozenset({"k"}), empty_guard_min=1)
+    assert (result.added, result.updated, result.deleted, result.total) == (0, 0, 1, 2)
+    assert _rows(calendar) == [row for row in before if row[0] == "k"]

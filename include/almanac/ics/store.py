@@ -2,10 +2,12 @@
 
 The events of a calendar inside the sync window are compared with the feed's instances by
 identity ``(uid, recurrence_id)`` and ``content_hash``: new ones are inserted, changed ones
-updated, vanished ones deleted, equal ones not touched. Rows outside the window are left
-alone (history is the retention job's business), and so are the rows of the UIDs the parse
-kept (``keep_uids``: their text had not changed since it was expanded). A feed that suddenly
-has no instances while the calendar had many is held back instead of wiping it.
+updated, vanished ones deleted, equal ones not touched (binary COPY into a temporary table, one
+``INSERT ... ON CONFLICT``, one ``DELETE``; a calendar without any row yet: COPY straight in).
+Rows outside the window are left alone (history is the retention job's business), and so are
+the rows of the UIDs the parse kept (``keep_uids``: their text had not changed since it was
+expanded). A feed that suddenly has no instances while the calendar had many is held back
+instead of wiping it.
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def store_instances(
             )
         gone = [key for key in existing if key not in seen]
 
-        if changed_rows:
+        if changed_rows and not existing and not _has_rows(cur, calendar_id):
+            _copy_in(cur, changed_rows)  # a calendar's first sync: nothing to compare or update
+        elif changed_rows:
             _upsert(cur, changed_rows)
         if gone:
             cur.execute(
@@ -129,6 +133,27 @@ def store_instances(
     return StoreResult(added=added, updated=updated, deleted=len(gone), total=len(seen) + kept)
 
 
+#: The types of ``calendar_id`` and ``_COLUMNS``, for binary COPY (half the client CPU of text).
+_TYPES = (
+    "int8", "text", "text", "text", "text", "text", "text", "bool", "timestamptz", "timestamptz", "text"
+)
+
+
+def _has_rows(cur, calendar_id: int) -> bool:
+    """Whether the calendar has any event row, in the window or not."""
+    cur.execute("SELECT EXISTS (SELECT 1 FROM events WHERE calendar_id = %s)", (calendar_id,))
+    return cur.fetchone()[0]
+
+
+def _copy_in(cur, rows: list[tuple]) -> None:
+    """COPY the rows straight into ``events``: for a calendar without any row (no conflict)."""
+    columns = "calendar_id, " + ", ".join(_COLUMNS)
+    with cur.copy(f"COPY events ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_TYPES)
+        for row in rows:
+            copy.write_row(row)
+
+
 def _upsert(cur, rows: list[tuple]) -> None:
     """COPY the changed rows into a temporary table, then one INSERT ... ON CONFLICT."""
     cur.execute(
@@ -139,7 +164,8 @@ def _upsert(cur, rows: list[tuple]) -> None:
     )
     cur.execute("TRUNCATE incoming_events")
     columns = "calendar_id, " + ", ".join(_COLUMNS)
-    with cur.copy(f"COPY incoming_events ({columns}) FROM STDIN") as copy:
+    with cur.copy(f"COPY incoming_events ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_TYPES)
         for row in rows:
             copy.write_row(row)
     cur.execute(

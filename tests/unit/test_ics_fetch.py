@@ -595,6 +595,24 @@ def test_304_keeps_the_connection_alive_for_the_next_calendar(server):
     assert len(ports) == 1
 
 
+def test_a_session_keeps_no_more_pools_than_requests_would():
+    """One pool (and its open connection) per feed address: a batch over many hosts must not
+    keep a connection open to each of them."""
+    servers = [FeedServer() for _ in range(fetch_mod._POOLS_KEPT + 3)]
+    try:
+        with new_session() as session:
+            for srv in servers:
+                srv.__enter__()
+                srv.routes["/a.ics"] = Route(body=ICS)
+                assert get(srv, "/a.ics", session=session).body == ICS
+            assert len(session._almanac_pools) == fetch_mod._POOLS_KEPT
+            assert get(servers[-1], "/a.ics", session=session).body == ICS  # kept: same connection
+        assert len({request.client_port for request in servers[-1].requests}) == 1
+    finally:
+        for srv in servers:
+            srv.__exit__(None, None, None)
+
+
 # --- fetch_with_settings: the one fetch path ---------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -282,7 +283,16 @@ def _refusal_reason(ip: IPAddress) -> str | None:
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
-    """Every address ``host`` resolves to, in resolver order (indirection for tests)."""
+    """Every address ``host`` resolves to, in resolver order (indirection for tests). A host
+    that is an address in its canonical spelling is that address (no resolver call); any
+    other spelling (``127.1``, ``0x7f.1``, a zone id) goes to the resolver as before."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if str(literal) == host:
+            return [literal]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     seen: dict[IPAddress, None] = {}
     for _family, _type, _proto, _canon, sockaddr in infos:
@@ -710,9 +720,7 @@ def _send(
             headers["Authorization"] = basic["authorization"]
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        pool = session.get_adapter(pinned).get_connection_with_tls_context(
-            _PoolRequest(pinned, host), session.verify, cert=session.cert
-        )
+        pool = _pool_for(session, pinned, parts, ip, host)
         return pool.urlopen(
             "GET",
             target,
@@ -729,6 +737,30 @@ def _send(
             kind = type(getattr(exc, "reason", None) or exc).__name__
             raise FeedTimeoutError(f"feed host {host}: timed out ({kind})", host=host) from exc
         raise _connection_failed(exc, host, webcal) from exc
+
+
+#: Connection pools a session keeps at hand (the most recently used; as many as requests'
+#: adapter keeps by default, so no more connections stay open than without this shortcut).
+_POOLS_KEPT = 10
+
+
+def _pool_for(session, pinned: str, parts: SplitResult, ip: IPAddress, host: str):
+    """The session adapter's connection pool for this checked address and name. The lookup
+    (pool-key building in requests and urllib3) cost ~50 µs per 304, so the last
+    ``_POOLS_KEPT`` pools are kept on the session, least recently used first out."""
+    pools: OrderedDict = session.__dict__.setdefault("_almanac_pools", OrderedDict())
+    key = (parts.scheme, ip, parts.port, host, session.verify, session.cert)
+    pool = pools.get(key)
+    if pool is None:
+        pool = session.get_adapter(pinned).get_connection_with_tls_context(
+            _PoolRequest(pinned, host), session.verify, cert=session.cert
+        )
+        pools[key] = pool
+        while len(pools) > _POOLS_KEPT:
+            pools.popitem(last=False)
+    else:
+        pools.move_to_end(key)
+    return pool
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -1,7 +1,7 @@
 """Sync every calendar's ICS feed into the events table, or one calendar on demand.
 
 ### What it does
-Lists the calendars due (a feed URL and sync enabled), cuts them into batches of 250 to 500
+Lists the calendars due (a feed URL and sync enabled), cuts them into batches of 125 to 500
 (`plan_batches`), and syncs each batch in a mapped task: fetch (conditional GET, address
 guard, size and time limits), parse and expand the feed over the window (30 days back to
 365 ahead of the run's instant), then write only what changed. `summarize` returns

@@ -39,8 +39,9 @@ class Settings:
     ics_window_days_ahead: int = 365
     #: Smallest and largest number of calendars in one mapped batch task. Each task instance
     #: costs Airflow about a second or two (start, supervisor, API calls) while an unchanged
-    #: calendar costs about a millisecond, so batches start at 250 (was 50 until 2026-12-08).
-    ics_batch_min: int = 250
+    #: calendar costs about a millisecond, so batches start at 125 (50 until 2026-12-08): 500
+    #: calendars make 4 batches (an even load on 2 or 4 worker slots), 2,000 make 16.
+    ics_batch_min: int = 125
     ics_batch_max: int = 500
     #: Batches per run the planner aims for before batches grow past ``ics_batch_min``.
     ics_batch_target_count: int = 16

@@ -1,7 +1,15 @@
 """Benchmark: Almanac's ICS sync beside the competitor (BullMQ peer), back to back on one workload.
 
-    ./dev services --profile test && eval "$(./dev env --profile test)"   # our PostgreSQL + Redis
+    export ALMANAC_VAR_DIR=var/bench-durable ALMANAC_PG_PORT=25534 ALMANAC_REDIS_PORT=26481
+    ./dev services                               # our PostgreSQL + Redis, durable like the peer's
+    printf "shared_buffers = '1GB'\nmax_wal_size = '4GB'\n" >> var/bench-durable/pg/data/postgresql.conf
+    ./dev down && ./dev services && eval "$(./dev env)"   # restarted with the peer's two settings
     .venv/bin/python benchmarks/compare_peer.py --calendars 500          # as root (the peer needs it)
+
+Both PostgreSQL servers must have the same durability and WAL settings (``PG_SETTINGS``): the
+script prints both and warns when they differ. The ``test`` profile's server runs with fsync,
+synchronous_commit and full_page_writes off; the peer's with PostgreSQL's defaults (on), 1 GB of
+shared_buffers and a 4 GB max_wal_size.
 
 Runs ``../shared/peer-bull-ics/bench.sh`` (variant ``fanout-etag``, the strongest peer: one job
 per calendar, concurrency 16, conditional GET) from a writable copy under ``--work`` (its Node 22,
@@ -76,6 +84,18 @@ def stop_peer(peer: Path, args, state: Path) -> None:
     subprocess.run(["bash", str(peer / "bench.sh"), "down"], cwd=peer, env=env, check=False)
 
 
+#: PostgreSQL settings that change write speed; both sides must run with the same values.
+PG_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "max_wal_size")
+
+
+def pg_settings(url: str) -> dict[str, str]:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        query = "SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name"
+        return dict(conn.execute(query, (list(PG_SETTINGS),)).fetchall())
+
+
 def run_almanac(args, out: Path) -> dict[str, float]:
     command = [
         sys.executable,
@@ -112,6 +132,7 @@ def main() -> int:
 
     peer = prepare_peer(args.work)
     state = args.work / "state"
+    peer_url = f"postgresql://postgres@127.0.0.1:{args.peer_pg_port}/postgres"
     with tempfile.TemporaryDirectory(prefix="almanac-compare-") as tmp:
         ours_json = Path(tmp) / "almanac.json"
         try:
@@ -121,8 +142,14 @@ def main() -> int:
             else:
                 theirs = run_peer(peer, args, state)
                 ours = run_almanac(args, ours_json)
+            ours_url = os.environ["ALMANAC_APP_DB_URL"]
+            settings = {"peer": pg_settings(peer_url), "Almanac": pg_settings(ours_url)}
         finally:
             stop_peer(peer, args, state)
+    print("\nPostgreSQL settings: " + "; ".join(f"{side}: {values}" for side, values in settings.items()))
+    if settings["peer"] != settings["Almanac"]:
+        print("WARNING: the two PostgreSQL servers differ in these settings: the times are not comparable "
+              "(start ours with the same durability, e.g. the dev profile, see README)")
     print(f"\n{args.calendars} calendars x {args.events} events, one session, "
           f"{'Almanac' if args.almanac_first else 'peer'} first\n")
     print("| calendars x events | cycle | peer (fanout-etag) | Almanac | Almanac faster by |")

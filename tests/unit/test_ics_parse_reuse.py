@@ -8,7 +8,7 @@ are what the earlier parse gave (so the stored rows the caller keeps are right).
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -103,6 +103,7 @@ def test_a_changed_dtstamp_alone_changes_no_group():
     [
         ("the calendar's zone", {"tz": "UTC"}, {"tz": "Asia/Tokyo"}),
         ("a limit", {"max_event_text_chars": 100}, {"max_event_text_chars": 101}),
+        ("the window's length", {"window": WINDOW}, {"window": (WINDOW[0], WINDOW[1] + timedelta(days=1))}),
     ],
 )
 def test_a_changed_context_keeps_nothing(change, kw_before, kw_after):

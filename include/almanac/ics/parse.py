@@ -227,7 +227,7 @@ def parse_feed(
     if "\x00" in text:  # PostgreSQL text cannot hold NUL: drop them, keep the feed
         text = text.replace("\x00", "")
         problems.append("the feed contains NUL characters; they were removed")
-    groups = _Groups(_group_salt(calendar_tz, limits), reuse)
+    groups = _Groups(_group_salt(calendar_tz, limits, window_end - window_start), reuse)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # icalendar warns on guessed TZIDs; we note our own problems
         events = (
@@ -793,9 +793,10 @@ def _read_plain_first(
 _GROUPS_VERSION = 1
 
 
-def _group_salt(calendar_tz: str, limits: _Limits) -> bytes:
-    """What a group's instances depend on besides its text, the calendar's lines and its zones."""
-    return repr((_GROUPS_VERSION, calendar_tz, dataclasses.astuple(limits))).encode()
+def _group_salt(calendar_tz: str, limits: _Limits, window: timedelta) -> bytes:
+    """What a group's instances depend on besides its text, the calendar's lines and its zones
+    (and the window's place, which the caller bounds: ``almanac.ics.sync`` keeps rows a day)."""
+    return repr((_GROUPS_VERSION, calendar_tz, dataclasses.astuple(limits), window)).encode()
 
 
 class _Groups:

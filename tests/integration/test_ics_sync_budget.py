@@ -300,7 +300,7 @@ def test_a_store_that_cannot_finish_stops_at_the_calendar_budget(db, server, cal
     calendars(2, Route(body=GOOD))
     calendars(3, Route(body=GOOD))
     sync(db, server, [2], settings=settings)
-    db.execute("UPDATE calendars SET body_sha256 = NULL, parse_groups = NULL WHERE id = 2")  # parse it all again
+    db.execute("UPDATE calendars SET body_sha256 = NULL, parse_groups = NULL WHERE id = 2")  # all again
     db.execute("UPDATE events SET content_hash = 'stale' WHERE calendar_id = 2")
     db.commit()
     with psycopg.connect(migrated) as other:

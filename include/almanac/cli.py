@@ -327,10 +327,7 @@ def _inspect(args: argparse.Namespace) -> int:
         window_start=window_start,
         window_end=window_end,
         calendar_tz=args.tz,
-        max_instances=settings.ics_max_instances,
-        max_instances_per_series=settings.ics_max_instances_per_series,
-        max_event_text_chars=settings.ics_max_event_text_chars,
-        max_feed_text_chars=settings.ics_max_feed_text_chars,
+        **settings.ics_parse_limits,
     )
     # Problems go to stderr in both output modes, so stdout stays one row per instance.
     for problem in result.problems:

@@ -177,6 +177,17 @@ class Settings:
     def ics_allow_host_set(self) -> frozenset[str]:
         return frozenset(h.strip() for h in self.ics_allow_hosts.split(",") if h.strip())
 
+    @property
+    def ics_parse_limits(self) -> dict[str, int]:
+        """The limits ``almanac.ics.parse.parse_feed`` takes, as keyword arguments (the DAGs and
+        ``almanac ics inspect`` parse with the same ones)."""
+        return {
+            "max_instances": self.ics_max_instances,
+            "max_instances_per_series": self.ics_max_instances_per_series,
+            "max_event_text_chars": self.ics_max_event_text_chars,
+            "max_feed_text_chars": self.ics_max_feed_text_chars,
+        }
+
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any] | None) -> Settings:
         """Defaults updated with ``overrides``; raises ConfigError on unknown keys or bad types."""

@@ -296,11 +296,8 @@ def _sync_one(
                 window_start=window_start,
                 window_end=window_end,
                 calendar_tz=calendar.time_zone,
-                max_instances=settings.ics_max_instances,
-                max_instances_per_series=settings.ics_max_instances_per_series,
-                max_event_text_chars=settings.ics_max_event_text_chars,
-                max_feed_text_chars=settings.ics_max_feed_text_chars,
                 reuse=reuse,
+                **settings.ics_parse_limits,
             )
 
         prior = _ParseState()

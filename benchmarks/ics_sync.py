@@ -250,23 +250,15 @@ def _warm_worker() -> None:
 
 
 def run_cycle(name: str, pool, db_url: str, ids: list[int], batch_size: int, instant, allow) -> dict:
-    from almanac.batches import combine_summaries, plan_batches
+    from almanac.batches import combine_summaries
+    from almanac.ics.plan import calendar_batches
     from almanac.ics.sync import ICS_KIND
     from almanac.settings import Settings
 
     if batch_size:
         batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-    else:  # what the DAG's planner cuts, with the ics_sync settings (defaults)
-        settings = Settings()
-        batches = [
-            b["ids"]
-            for b in plan_batches(
-                ids,
-                min_size=settings.ics_batch_min,
-                max_size=settings.ics_batch_max,
-                target_count=settings.ics_batch_target_count,
-            )
-        ]
+    else:  # what the DAGs' planner cuts, with the ics_sync settings (defaults)
+        batches = [b["ids"] for b in calendar_batches(ids, Settings())]
     before = event_row_writes(db_url)
     started = time.perf_counter()
     summaries = pool.map(_worker, [(db_url, b, instant, allow) for b in batches], chunksize=1)

@@ -88,9 +88,8 @@ def ics_sync():
         from airflow.sdk import get_current_context
 
         from almanac.batches import as_entity_id
-        from almanac.batches import plan_batches as cut
         from almanac.errors import PermanentError
-        from almanac.ics.plan import due_calendar_ids, existing_calendar_ids
+        from almanac.ics.plan import calendar_batches, due_calendar_ids, existing_calendar_ids
         from almanac_airflow.hooks import app_db
         from almanac_airflow.settings import load_settings
 
@@ -107,13 +106,7 @@ def ics_sync():
                 ids = [calendar_id]
             else:
                 ids = due_calendar_ids(conn)
-        return cut(
-            ids,
-            noun="calendars",
-            min_size=settings.ics_batch_min,
-            max_size=settings.ics_batch_max,
-            target_count=settings.ics_batch_target_count,
-        )
+        return calendar_batches(ids, settings)
 
     sync_pipeline(plan_batches())
 

@@ -70,7 +70,7 @@ def ics_sync_requested():
     def plan_batches() -> list[dict]:
         from airflow.sdk import get_current_context
 
-        from almanac.batches import plan_batches as cut
+        from almanac.ics.plan import calendar_batches
         from almanac.ics.requests import requested_calendar_ids
         from almanac_airflow.settings import load_settings
 
@@ -87,8 +87,7 @@ def ics_sync_requested():
         ]
         ids = requested_calendar_ids(event.extra for event in events)
         settings = load_settings()
-        return cut(ids, noun="calendars", min_size=settings.ics_batch_min, max_size=settings.ics_batch_max,
-                   target_count=settings.ics_batch_target_count)
+        return calendar_batches(ids, settings)
 
     sync_pipeline(plan_batches())
 

@@ -48,7 +48,16 @@ from almanac.ics import fastread
 from almanac.ics.timezones import ZoneResolver, zone_name
 from almanac.timeconv import UTC, all_day_instant, as_utc
 
-__all__ = ["CUT_MARK", "MAX_PROBLEMS", "FeedParseError", "Instance", "ParseResult", "parse_feed"]
+__all__ = [
+    "CUT_MARK",
+    "GROUP_DIGEST_BYTES",
+    "MAX_PROBLEMS",
+    "FeedParseError",
+    "Instance",
+    "ParseResult",
+    "feed_text_chars",
+    "parse_feed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -791,6 +800,13 @@ def _read_plain_first(
 #: Part of every group digest: raise it when a change to this module changes the instances of
 #: any feed, so that groups digested before are expanded again (not only after a day).
 _GROUPS_VERSION = 1
+#: Bytes of one group digest (``ParseResult.groups``).
+GROUP_DIGEST_BYTES = 16
+
+
+def feed_text_chars(instances) -> int:
+    """What ``max_feed_text_chars`` counts of these instances: SUMMARY, DESCRIPTION and LOCATION."""
+    return sum(len(i.summary) + len(i.description) + len(i.location) for i in instances)
 
 
 def _group_salt(calendar_tz: str, limits: _Limits, window: timedelta) -> bytes:
@@ -824,7 +840,7 @@ class _Groups:
                 if uid:
                     members.setdefault(uid, []).append(block)
                     of[id(block)] = uid
-        context = hashlib.blake2b(self.salt, digest_size=16)
+        context = hashlib.blake2b(self.salt, digest_size=GROUP_DIGEST_BYTES)
         for line in split.header:
             context.update(line.encode("utf-8", "surrogatepass") + b"\n")
         for zone in split.zones:
@@ -1859,10 +1875,10 @@ def _apply_text_budget(instances: list[Instance], budget: int, problems: list[st
     Every text longer than ``L`` is cut to ``L`` characters (``CUT_MARK`` included), ``L`` the
     largest that fits: short texts are kept whole, the longest ones are cut the most.
     """
-    lengths = sorted(len(t) for i in instances for t in (i.summary, i.description, i.location))
-    total = sum(lengths)
+    total = feed_text_chars(instances)
     if total <= budget:
         return instances
+    lengths = sorted(len(t) for i in instances for t in (i.summary, i.description, i.location))
     prefix = [0]
     for length in lengths:
         prefix.append(prefix[-1] + length)

@@ -54,8 +54,6 @@ MAX_WARNING_CHARS = 300
 #: Calendars whose leases are taken (and released) together, in one Redis round trip each way.
 #: A calendar's lease is so held at most this many calendars' sync time longer than its own.
 LEASE_CHUNK = 25
-#: Bytes of one group digest in ``calendars.parse_groups`` (``almanac.ics.parse``'s blake2b).
-_DIGEST_BYTES = 16
 
 
 class FeedDataRefusedError(PermanentError):
@@ -300,17 +298,19 @@ def _sync_one(
                 **settings.ics_parse_limits,
             )
 
+        from almanac.ics.parse import feed_text_chars  # loaded already: the parse result is its type
+
         prior = _ParseState()
         if window_fresh and settings.ics_reuse_unchanged_events:
             prior = _parse_state(conn, calendar.id)
         parsed = parse(prior.groups)
-        text_chars = _text_chars(parsed.instances)
+        text_chars = feed_text_chars(parsed.instances)
         if parsed.kept_uids and (
             prior.event_count + len(parsed.instances) > settings.ics_max_instances
             or prior.text_chars + text_chars > settings.ics_max_feed_text_chars
         ):  # the feed-wide limits might cut: they need every group's instances
             parsed = parse(frozenset())
-            text_chars = _text_chars(parsed.instances)
+            text_chars = feed_text_chars(parsed.instances)
         if parsed.kept_uids:  # the kept rows were expanded at the old anchor, and hold at most this
             anchor, text_chars = calendar.window_anchor, prior.text_chars + text_chars
         else:
@@ -419,6 +419,8 @@ class _ParseState:
 def _parse_state(conn, calendar_id: int) -> _ParseState:
     """The groups of the last parse that may be kept: none after a parse with warnings (they
     would be lost with the groups that caused them, and the feed-wide limits may have cut)."""
+    from almanac.ics.parse import GROUP_DIGEST_BYTES as size  # the feed is parsed next anyway
+
     row = conn.execute(
         "SELECT parse_groups, event_count, parse_text_chars, sync_warning_count FROM calendars WHERE id = %s",
         (calendar_id,),
@@ -427,13 +429,8 @@ def _parse_state(conn, calendar_id: int) -> _ParseState:
     if row is None or row[0] is None or row[3]:
         return _ParseState()
     blob = bytes(row[0])
-    groups = frozenset(blob[i : i + _DIGEST_BYTES] for i in range(0, len(blob), _DIGEST_BYTES))
+    groups = frozenset(blob[i : i + size] for i in range(0, len(blob), size))
     return _ParseState(groups, row[1] or 0, row[2])
-
-
-def _text_chars(instances) -> int:
-    """What ``max_feed_text_chars`` counts of these instances."""
-    return sum(len(i.summary) + len(i.description) + len(i.location) for i in instances)
 
 
 def _record_unchanged(conn, unchanged) -> None:

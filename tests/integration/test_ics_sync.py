@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from almanac.batches import summarize_batch
-from almanac.ics.sync import ICS_KIND, LEASE_JOB, sync_batch
+from almanac.ics.sync import ICS_KIND, LEASE_JOB
 from almanac.leases import LeaseKeeper, lease_key
 from almanac.settings import Settings
 from tests.support.feed_server import Route
+from tests.support.ics_sync import sync_by_id
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
 # The corpus's DST feed is from 2019: anchor the run there so its events are in the window.
@@ -37,16 +38,8 @@ class Run(list):
 
 def run(db, server, ids, **kw):
     kw.setdefault("settings", FAST)
-    return Run(
-        sync_batch(
-            db,
-            ids,
-            instant=kw.pop("instant", INSTANT),
-            allow_hosts=server.allow_hosts,
-            sleep=kw.pop("sleep", lambda s: None),
-            **kw,
-        )
-    )
+    kw.setdefault("instant", INSTANT)
+    return Run(sync_by_id(db, server, ids, **kw).values())
 
 
 def counts(result):

@@ -24,6 +24,7 @@ from almanac.ics.budget import ParsePool
 from almanac.ics.sync import ICS_KIND, MAX_STORED_WARNINGS, MAX_WARNING_CHARS, sync_batch
 from almanac.settings import Settings
 from tests.support.feed_server import Route
+from tests.support.ics_sync import sync_by_id
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "ics-corpus"
 INSTANT = datetime(2019, 3, 3, tzinfo=UTC)
@@ -124,16 +125,7 @@ HOSTILE_FEEDS = _hostile_feeds()
 
 
 def sync(db, server, ids, *, settings=HOSTILE, **kw):
-    results = sync_batch(
-        db,
-        ids,
-        instant=INSTANT,
-        settings=settings,
-        allow_hosts=server.allow_hosts,
-        sleep=lambda s: None,
-        **kw,
-    )
-    return {r.item_id: r for r in results}
+    return sync_by_id(db, server, ids, instant=INSTANT, settings=settings, **kw)
 
 
 def state(db, cid):

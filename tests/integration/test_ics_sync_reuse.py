@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from almanac.ics.sync import sync_batch
 from almanac.settings import Settings
 from tests.support.feed_server import Route
+from tests.support.ics_sync import sync_by_id
 
 INSTANT = datetime(2019, 3, 1, 12, tzinfo=UTC)
 FAST = Settings(ics_fetch_attempts=1)
@@ -38,9 +38,7 @@ EVENTS = {f"e{n}": f"Event {n}" for n in range(20)}
 
 
 def run(db, server, ids, instant=INSTANT, settings=FAST):
-    results = sync_batch(db, ids, instant=instant, allow_hosts=server.allow_hosts, settings=settings,
-                         sleep=lambda s: None)
-    return {r.item_id: r for r in results}
+    return sync_by_id(db, server, ids, instant=instant, settings=settings)
 
 
 def rows(db, cid):
